@@ -1,0 +1,54 @@
+"""Tokenizers: Hugging Face tokenizers from a directory, or the tiny character tokenizer built in code.
+
+The character tokenizer exists so the CPU demo, the fixtures and the tests need nothing downloaded:
+every printable ASCII character is one token, so a step never merges with its prefix and the
+tiny model's outputs stay readable. It is a real ``PreTrainedTokenizerFast`` (saved with
+``save_pretrained``) so the sampling engines and the HF export treat it like any other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHAR_TOKENIZER_SPEC = "builtin:char"
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def build_char_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["\n", "\t"] + [chr(c) for c in range(32, 127)]
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    # Every character becomes its own "word"; WordLevel then maps it to one id.
+    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        clean_up_tokenization_spaces=False,
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def load_tokenizer(spec: str | Path):
+    """``builtin:char`` or a directory with Hugging Face tokenizer files (no download is attempted)."""
+    if str(spec) == CHAR_TOKENIZER_SPEC:
+        return build_char_tokenizer()
+    from transformers import AutoTokenizer
+
+    path = Path(spec)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"tokenizer {spec!r}: not '{CHAR_TOKENIZER_SPEC}' and not a directory with tokenizer files"
+        )
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
