@@ -1,0 +1,86 @@
+"""Process groups: torch.distributed + megatron-core parallel_state, one process or under torchrun."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and the data are split over processes (data parallel is what remains)."""
+
+    tensor_model_parallel_size: int = 1
+    """Shards attention heads / MLP columns / vocabulary over this many ranks (must divide heads and groups)."""
+    pipeline_model_parallel_size: int = 1
+    """Splits the layers into this many stages (must divide num_layers), 1F1B schedule."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (Megatron distributed optimizer; Adam/AdamW)."""
+    backend: str = "auto"
+    """torch.distributed backend: auto (nccl with CUDA, gloo otherwise), nccl or gloo."""
+    master_port: int = 29512
+    """Rendezvous port for a single-process run (torchrun sets its own)."""
+
+    def __post_init__(self) -> None:
+        if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
+            raise ValueError("parallel sizes must be >= 1")
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise ValueError(f"parallel.backend {self.backend!r} is not auto, nccl or gloo")
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def initialize(cfg: ParallelConfig, seed: int) -> None:
+    """Start torch.distributed (if needed) and megatron's model-parallel groups; seed the RNGs."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    from sppd_megatron.parallel.cpu_shim import enable_cpu_shim
+
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        enable_cpu_shim()
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    world = world_size_from_env()
+    if cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size > world or (
+        world % (cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size)
+    ):
+        raise ValueError(
+            f"tensor_model_parallel_size={cfg.tensor_model_parallel_size} x "
+            f"pipeline_model_parallel_size={cfg.pipeline_model_parallel_size} does not divide the "
+            f"{world} process(es); launch with torchrun --nproc-per-node N"
+        )
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(cfg.master_port))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(
+            backend=backend, timeout=datetime.timedelta(minutes=30)
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+            pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+        )
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def is_rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
