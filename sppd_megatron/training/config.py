@@ -1,0 +1,162 @@
+"""``sppd-megatron train`` configuration: one dataclass per concern, checked when the YAML loads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from sppd_megatron.losses import SVPOWeights
+from sppd_megatron.models.builder import PrecisionConfig
+from sppd_megatron.models.config import ModelConfig
+from sppd_megatron.parallel.state import ParallelConfig
+
+Stage = Literal["sft", "dpo", "step_dpo", "svpo"]
+
+
+@dataclass
+class InitConfig:
+    """Where the policy's starting weights come from (also the reference model's)."""
+
+    source: Literal["random", "hf", "mcore"] = "random"
+    """random: a transformers model of ``model``'s architecture initialised under ``seed`` (tests, the
+    demo); hf: a Hugging Face directory (architecture read from its config.json); mcore: a Megatron
+    checkpoint written by ``convert hf-to-mcore`` or by ``train`` (any TP/PP, resharded on load)."""
+    path: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.source != "random" and not self.path:
+            raise ValueError(f"init.source={self.source} needs init.path")
+
+
+@dataclass
+class DataConfig:
+    """Training records and how they become token sequences."""
+
+    train_file: str = ""
+    """JSONL of SFTExample (stage sft) or PreferencePair records (dpo, step_dpo, svpo)."""
+    tokenizer: str | None = None
+    """Tokenizer directory or ``builtin:char``; defaults to the init checkpoint's tokenizer."""
+    max_length: int = 512
+    """Longest sequence (context + continuation + EOS); longer records are an error, not truncated."""
+    shuffle: bool = True
+    append_eos: bool = True
+    """Append EOS to continuations that end the solution (``ends``/``*_ends`` true); steps that do not end it never get EOS."""
+
+    def __post_init__(self) -> None:
+        if self.max_length < 4:
+            raise ValueError("data.max_length must be at least 4")
+
+
+@dataclass
+class LossConfig:
+    """The objective of the stage (see sppd_megatron/losses.py for the formulas)."""
+
+    beta: float = 0.1
+    """KL strength of DPO-family losses (SPPD: 0.1)."""
+    gamma: float = 1.0
+    """step_dpo margin scale: dynamic margin gamma * (V_w - V_l), or the constant for fixed (SPPD: 0.1-5)."""
+    margin_mode: Literal["dynamic", "fixed", "none"] = "dynamic"
+    dpo_variant: Literal["sigmoid", "ipo", "conservative"] = "sigmoid"
+    label_smoothing: float = 0.0
+    """Flip probability for dpo_variant=conservative."""
+    svpo_rank_margin: float = 0.5
+    svpo_weights: SVPOWeights = field(default_factory=SVPOWeights)
+    reference: Literal["precomputed", "co_resident"] = "precomputed"
+    """precomputed: one forward pass of the initial policy stores reference log-probs with the
+    dataset before training (one model in memory); co_resident: a frozen copy computes them each step."""
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ValueError("loss.beta must be > 0")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError("loss.label_smoothing must be in [0, 0.5)")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule (Megatron optimizer + OptimizerParamScheduler)."""
+
+    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
+    """SPPD: Adam 5e-6 for SFT, SGD 1e-5 for the DPO stages."""
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    sgd_momentum: float = 0.0
+    clip_grad: float = 1.0
+    """Global gradient-norm clipping threshold (0 disables)."""
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    warmup_fraction: float = 0.0
+    """Warm-up as a fraction of train steps (used when warmup_steps is 0)."""
+
+
+@dataclass
+class ScheduleConfig:
+    """How long and in what batches."""
+
+    global_batch_size: int = 8
+    """Examples (SFT records or pairs) per optimizer step, over all data-parallel ranks."""
+    micro_batch_size: int = 2
+    """Examples per forward pass; a pair's chosen and rejected always share a micro-batch."""
+    train_steps: int | None = None
+    """Optimizer steps; unset means ``epochs`` passes over the data."""
+    epochs: int = 1
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError("schedule.global_batch_size must be a multiple of schedule.micro_batch_size")
+
+
+@dataclass
+class CheckpointConfig:
+    """Megatron dist checkpoints under OUTPUT_DIR/checkpoints/iter_XXXXXXX."""
+
+    save_interval: int = 0
+    """Save every N steps (0: only at the end)."""
+    save_final: bool = True
+    resume: bool = True
+    """Resume from the newest complete checkpoint in OUTPUT_DIR/checkpoints when there is one."""
+    keep_last: int = 2
+    """How many checkpoints to keep (0 keeps all)."""
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """A training run: ``sppd-megatron train CONFIG.yaml [dotted.key=value ...]``."""
+
+    stage: Stage = "sft"
+    output_dir: str = "outputs/train"
+    model: ModelConfig | None = None
+    """Architecture (init.source random); read from the checkpoint otherwise."""
+    init: InitConfig = field(default_factory=InitConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if not self.data.train_file:
+            raise ValueError("data.train_file is required")
+        if self.init.source == "random" and self.model is None:
+            raise ValueError("init.source=random needs a model: section")
+        if self.model is not None:
+            self.model.check_parallel(
+                self.parallel.tensor_model_parallel_size, self.parallel.pipeline_model_parallel_size
+            )
+        if self.parallel.use_distributed_optimizer and self.optim.optimizer == "sgd":
+            raise ValueError("the distributed optimizer is tested with adam/adamw only; use optim.optimizer=adamw")

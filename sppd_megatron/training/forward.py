@@ -1,0 +1,104 @@
+"""The Megatron forward step: a micro-batch in, per-sequence log-prob sums out, one loss applied.
+
+This is the only place that turns model outputs into the tensors :mod:`sppd_megatron.losses` takes.
+It adapts to megatron-core's loss contract once: the loss function returns
+``(sum of per-example losses, number of examples, report)`` with ``calculate_per_token_loss`` on, so
+Megatron divides gradients by the global example count over all micro-batches and data-parallel
+ranks. A step's gradient is therefore the same mean whatever the TP/PP/DP layout.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import torch
+
+from sppd_megatron import losses
+from sppd_megatron.training.config import LossConfig
+from sppd_megatron.training.logprobs import token_logprobs
+
+
+def unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def sequence_logps(output: torch.Tensor, batch: dict, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token log-probs [R, S], per-row sums over continuation tokens [R])."""
+    token_lp = token_logprobs(output, batch["labels"], vocab_size)
+    return token_lp, (token_lp * batch["loss_mask"]).sum(-1)
+
+
+def _value_predictions(model, batch: dict) -> torch.Tensor:
+    inner = unwrap(model)
+    hidden = inner.last_hidden_states  # [S, R, H]
+    idx = batch["step_end"]
+    picked = hidden[idx, torch.arange(hidden.shape[1])]  # [R, H]
+    return inner.value_head(picked).float()
+
+
+def compute_losses(stage: str, cfg: LossConfig, model, output: torch.Tensor, batch: dict,
+                   vocab_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-example losses and metrics of one micro-batch (pairs: rows 2i chosen, 2i+1 rejected)."""
+    token_lp, seq_lp = sequence_logps(output, batch, vocab_size)
+    if stage == "sft":
+        return losses.sft_loss(token_lp, batch["loss_mask"])
+    pc, pr = seq_lp[0::2], seq_lp[1::2]
+    ref = batch["ref_logps"].to(seq_lp.dtype)
+    rc, rr = ref[0::2], ref[1::2]
+    if torch.isnan(ref).any():
+        raise RuntimeError("reference log-probs missing for a batch; precompute them or use loss.reference=co_resident")
+    vals = batch["values"].to(seq_lp.dtype)
+    vc, vr = vals[0::2], vals[1::2]
+    if stage == "dpo":
+        return losses.dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.dpo_variant, cfg.label_smoothing)
+    if stage == "step_dpo":
+        return losses.step_dpo_loss(pc, pr, rc, rr, vc, vr, cfg.beta, cfg.gamma, cfg.margin_mode)
+    if stage == "svpo":
+        v = _value_predictions(model, batch)
+        mask = batch["loss_mask"][0::2]
+        chosen_nll = -(token_lp[0::2] * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        return losses.svpo_loss(
+            pc, pr, rc, rr, v[0::2], v[1::2], chosen_nll, cfg.beta, cfg.svpo_rank_margin, cfg.svpo_weights,
+            chosen_value_target=vc, rejected_value_target=vr,
+        )
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def _loss_func(stage: str, cfg: LossConfig, model, batch: dict, vocab_size: int, output: torch.Tensor):
+    per_example, metrics = compute_losses(stage, cfg, model, output, batch, vocab_size)
+    n = torch.tensor(per_example.numel(), dtype=torch.int)
+    total = per_example.sum()
+    report = {"loss": torch.stack([total.detach().float(), n.float()])}
+    for name, value in metrics.items():
+        report[name] = torch.stack([value.detach().float().sum(), torch.tensor(float(value.numel()))])
+    return total, n, report
+
+
+def make_forward_step(stage: str, cfg: LossConfig, vocab_size: int) -> Callable:
+    """forward_step(data_iterator, model) for megatron's get_forward_backward_func."""
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch["tokens"], batch["position_ids"], None)
+        return output, partial(_loss_func, stage, cfg, model, batch, vocab_size)
+
+    return forward_step
+
+
+def make_logp_step(vocab_size: int) -> Callable:
+    """Forward-only step that reports each row's continuation log-prob sum (reference pass)."""
+
+    def logp_step(data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch["tokens"], batch["position_ids"], None)
+
+        def loss_func(output_tensor):
+            _, seq_lp = sequence_logps(output_tensor, batch, vocab_size)
+            return seq_lp.sum(), torch.tensor(seq_lp.numel(), dtype=torch.int), {"seq_logps": seq_lp.detach()}
+
+        return output, loss_func
+
+    return logp_step
