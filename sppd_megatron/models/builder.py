@@ -126,17 +126,21 @@ def layer_spec(impl: str):
 class ValueHead(torch.nn.Module):
     """SVPO's value head: one linear layer + tanh over the final hidden state (replicated across TP)."""
 
-    def __init__(self, hidden_size: int, dtype: torch.dtype):
+    def __init__(self, hidden_size: int, dtype: torch.dtype, seed: int = 0):
         super().__init__()
         self.linear = torch.nn.Linear(hidden_size, 1, dtype=dtype)
-        torch.nn.init.zeros_(self.linear.bias)
-        torch.nn.init.normal_(self.linear.weight, std=0.02)
+        # Own generator: the same initial head whatever layers this pipeline stage built before it.
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.linear.bias.zero_()
+            self.linear.weight.copy_(torch.randn(self.linear.weight.shape, generator=gen) * 0.02)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.linear(hidden)).squeeze(-1)
 
 
-def build_gpt_model(model_cfg: ModelConfig, precision: PrecisionConfig, with_value_head: bool = False):
+def build_gpt_model(model_cfg: ModelConfig, precision: PrecisionConfig, with_value_head: bool = False,
+                    seed: int = 0):
     """This rank's pipeline stage of the policy (parallel_state must be initialised).
 
     With ``with_value_head`` the last stage gets ``model.value_head`` and the decoder's final hidden
@@ -173,7 +177,7 @@ def build_gpt_model(model_cfg: ModelConfig, precision: PrecisionConfig, with_val
             original_max_position_embeddings=rs.original_max_position_embeddings,
         )
     if with_value_head and model.post_process:
-        model.value_head = ValueHead(model_cfg.hidden_size, precision.torch_dtype)
+        model.value_head = ValueHead(model_cfg.hidden_size, precision.torch_dtype, seed)
         model.last_hidden_states = None
 
         def _keep_hidden(_module, _inputs, output):

@@ -63,7 +63,7 @@ def build_policy(cfg: TrainConfig, model_cfg: ModelConfig):
     from sppd_megatron.conversion.mapping import load_hf_into_model
     from sppd_megatron.models.builder import build_gpt_model
 
-    model = build_gpt_model(model_cfg, cfg.precision, with_value_head=cfg.stage == "svpo")
+    model = build_gpt_model(model_cfg, cfg.precision, with_value_head=cfg.stage == "svpo", seed=cfg.init.seed)
     model.config.calculate_per_token_loss = True
     if cfg.init.source == "random":
         hf_state = random_hf_state(model_cfg, cfg.init.seed)
