@@ -1,0 +1,84 @@
+"""Prints TRL's DPO loss and ours on the same tiny models and pairs (run as a subprocess by the test).
+
+TRL runs its own tokenisation, collation and log-prob code on Hugging Face models; ours runs the
+training data path and a Megatron GPTModel loaded with the same weights.
+"""
+
+import json
+import sys
+import tempfile
+import warnings
+
+warnings.filterwarnings("ignore")
+
+ROWS = [
+    {"prompt": "Q: 2+3?\nA:", "chosen": " 5.", "rejected": " 6!"},
+    {"prompt": "Q: 1+1?\nA:", "chosen": " 2", "rejected": " 11"},
+    {"prompt": "Q: 9-4?\nStep 1:", "chosen": " 9-4=5. The answer is 5", "rejected": " 4"},
+    {"prompt": "Q: 3*3?\n", "chosen": "9", "rejected": "It is 33"},
+]
+
+
+def trl_loss(policy, ref, tok, beta, loss_type, label_smoothing):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(output_dir=tempfile.mkdtemp(), beta=beta, loss_type=[loss_type], label_smoothing=label_smoothing,
+                     report_to=[], per_device_train_batch_size=len(ROWS), max_length=128, use_cpu=True,
+                     bf16=False, fp16=False)
+    trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=Dataset.from_list(ROWS),
+                         processing_class=tok)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(ROWS))])
+    return float(trainer.compute_loss(policy, batch))
+
+
+def our_loss(policy, ref, tok, beta, variant, label_smoothing):
+    import torch
+
+    from sppd_megatron.conversion.mapping import load_hf_into_model
+    from sppd_megatron.models.builder import PrecisionConfig, build_gpt_model
+    from sppd_megatron.models.config import model_config_from_hf
+    from sppd_megatron.parallel.state import ParallelConfig, initialize
+    from sppd_megatron.records import PreferencePair, write_jsonl
+    from sppd_megatron.training import data as tdata
+    from sppd_megatron.training.config import LossConfig
+    from sppd_megatron.training.forward import compute_losses, sequence_logps
+
+    initialize(ParallelConfig(), seed=0)
+    cfg = model_config_from_hf(policy.config.to_dict())
+    path = tempfile.mktemp(suffix=".jsonl")
+    write_jsonl(path, [PreferencePair(level="sentence", **r) for r in ROWS])
+    examples = tdata.load_examples(path, "dpo", tok, 128, cfg.vocab_size)
+    batch = tdata.collate(examples, 128, tok.pad_token_id)
+    models = []
+    for hf in (policy, ref):
+        m = build_gpt_model(cfg, PrecisionConfig())
+        sd = hf.state_dict()
+        load_hf_into_model(m, sd.__getitem__, cfg)
+        models.append(m)
+    with torch.no_grad():
+        out_ref = models[1](batch["tokens"], batch["position_ids"], None)
+        batch["ref_logps"] = sequence_logps(out_ref, batch, cfg.vocab_size)[1]
+        out = models[0](batch["tokens"], batch["position_ids"], None)
+        loss_cfg = LossConfig(beta=beta, dpo_variant=variant, label_smoothing=label_smoothing)
+        per_pair, _ = compute_losses("dpo", loss_cfg, models[0], out, batch, cfg.vocab_size)
+    return float(per_pair.mean())
+
+
+def main():
+    from sppd_megatron.models.tiny import build_tiny_hf_model
+    from sppd_megatron.tokenization import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    out = {}
+    for family in ("llama", "qwen2"):
+        policy = build_tiny_hf_model(family, seed=0)
+        ref = build_tiny_hf_model(family, seed=1)
+        # TRL 1.x's "sigmoid" ignores label_smoothing (cDPO is checked against its formula instead).
+        out[family] = {"trl": trl_loss(policy, ref, tok, 0.5, "sigmoid", 0.0),
+                       "ours": our_loss(policy, ref, tok, 0.5, "sigmoid", 0.0)}
+    print("RESULTS " + json.dumps(out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
