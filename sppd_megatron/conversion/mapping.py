@@ -64,6 +64,74 @@ def hf_layer_names(i: int) -> dict[str, str]:
     }
 
 
+LAYER_KEYS = (
+    "input_layernorm.weight",
+    "self_attention.linear_qkv.weight",
+    "self_attention.linear_qkv.bias",
+    "self_attention.linear_proj.weight",
+    "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.weight",
+    "mlp.linear_fc2.weight",
+)
+
+
+def mcore_local_keys(
+    cfg: ModelConfig, num_local_layers: int, pre_process: bool, post_process: bool
+) -> list[str]:
+    """The Megatron state-dict keys one pipeline stage holds (the output layer only when untied)."""
+    keys = ["embedding.word_embeddings.weight"] if pre_process else []
+    for local in range(num_local_layers):
+        keys += [
+            f"decoder.layers.{local}.{k}" for k in LAYER_KEYS if cfg.qkv_bias or not k.endswith(".bias")
+        ]
+    if post_process:
+        keys.append("decoder.final_layernorm.weight")
+        if not cfg.tie_word_embeddings:
+            keys.append("output_layer.weight")
+    return keys
+
+
+def hf_to_mcore_tensor(
+    get: TensorGetter, cfg: ModelConfig, key: str, tp_rank: int, tp_size: int, layer_offset: int = 0
+) -> torch.Tensor:
+    """One Megatron tensor (``key`` as in a stage's local state dict) for one TP rank, from HF tensors.
+
+    Reads only the HF tensors that this key needs, so callers can produce tensors in any order and
+    keep one at a time in memory.
+    """
+
+    def chunk(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        return torch.chunk(t, tp_size, dim=dim)[tp_rank].contiguous()
+
+    if key == "embedding.word_embeddings.weight":
+        return chunk(pad_vocab(get("model.embed_tokens.weight"), cfg))
+    if key == "output_layer.weight":
+        name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        return chunk(pad_vocab(get(name), cfg))
+    if key == "decoder.final_layernorm.weight":
+        return get("model.norm.weight")
+    parts = key.split(".", 3)
+    if parts[:2] != ["decoder", "layers"] or len(parts) != 4:
+        raise KeyError(f"no Hugging Face tensor maps to Megatron key {key!r}")
+    n = hf_layer_names(layer_offset + int(parts[2]))
+    suffix = parts[3]
+    if suffix == "input_layernorm.weight":
+        return get(n["input_layernorm"])
+    if suffix in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+        kind = suffix.rsplit(".", 1)[1]
+        grouped = _qkv_full(cfg, get(f"{n['q']}.{kind}"), get(f"{n['k']}.{kind}"), get(f"{n['v']}.{kind}"))
+        return chunk(grouped).reshape(-1, cfg.hidden_size) if kind == "weight" else chunk(grouped).reshape(-1)
+    if suffix == "self_attention.linear_proj.weight":
+        return chunk(get(n["o"]), dim=1)
+    if suffix == "pre_mlp_layernorm.weight":
+        return get(n["post_attention_layernorm"])
+    if suffix == "mlp.linear_fc1.weight":
+        return torch.cat([chunk(get(n["gate"])), chunk(get(n["up"]))], dim=0)
+    if suffix == "mlp.linear_fc2.weight":
+        return chunk(get(n["down"]), dim=1)
+    raise KeyError(f"no Hugging Face tensor maps to Megatron key {key!r}")
+
+
 def hf_to_mcore_shard(
     get: TensorGetter,
     cfg: ModelConfig,
@@ -75,31 +143,8 @@ def hf_to_mcore_shard(
     post_process: bool,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (megatron local key, tensor) for one TP rank of one pipeline stage."""
-    ng = cfg.num_query_groups
-
-    def chunk(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        return torch.chunk(t, tp_size, dim=dim)[tp_rank].contiguous()
-
-    if pre_process:
-        yield "embedding.word_embeddings.weight", chunk(pad_vocab(get("model.embed_tokens.weight"), cfg))
-    for local in range(num_local_layers):
-        n = hf_layer_names(layer_offset + local)
-        m = f"decoder.layers.{local}."
-        yield m + "input_layernorm.weight", get(n["input_layernorm"])
-        grouped = _qkv_full(cfg, get(n["q"] + ".weight"), get(n["k"] + ".weight"), get(n["v"] + ".weight"))
-        yield m + "self_attention.linear_qkv.weight", chunk(grouped).reshape(-1, cfg.hidden_size)
-        if cfg.qkv_bias:
-            gb = _qkv_full(cfg, get(n["q"] + ".bias"), get(n["k"] + ".bias"), get(n["v"] + ".bias"))
-            yield m + "self_attention.linear_qkv.bias", chunk(gb).reshape(-1)
-        yield m + "self_attention.linear_proj.weight", chunk(get(n["o"]), dim=1)
-        yield m + "pre_mlp_layernorm.weight", get(n["post_attention_layernorm"])
-        yield m + "mlp.linear_fc1.weight", torch.cat([chunk(get(n["gate"])), chunk(get(n["up"]))], dim=0)
-        yield m + "mlp.linear_fc2.weight", chunk(get(n["down"]), dim=1)
-    if post_process:
-        yield "decoder.final_layernorm.weight", get("model.norm.weight")
-        if not cfg.tie_word_embeddings:
-            yield "output_layer.weight", chunk(pad_vocab(get("lm_head.weight"), cfg))
-    del ng
+    for key in mcore_local_keys(cfg, num_local_layers, pre_process, post_process):
+        yield key, hf_to_mcore_tensor(get, cfg, key, tp_rank, tp_size, layer_offset)
 
 
 def mcore_to_hf_layer(
@@ -175,3 +220,22 @@ def load_hf_into_model(model: torch.nn.Module, get: TensorGetter, cfg: ModelConf
     missing = [k for k in state if k not in seen and not k.endswith("_extra_state") and not k.startswith("value_head")]
     if missing:
         raise KeyError(f"the HF checkpoint did not provide {missing}")
+
+
+def mcore_to_hf_stage(
+    shards: list[dict[str, torch.Tensor]],
+    cfg: ModelConfig,
+    layer_offset: int,
+    num_local_layers: int,
+    pre_process: bool,
+    post_process: bool,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF (name, tensor) pairs of one pipeline stage, merging its TP shards (``shards[r]`` = rank r's)."""
+    if pre_process:
+        yield "model.embed_tokens.weight", mcore_to_hf_embeddings(shards, cfg, "embedding.word_embeddings.weight")
+    for local in range(num_local_layers):
+        yield from mcore_to_hf_layer(shards, cfg, local, layer_offset + local)
+    if post_process:
+        yield "model.norm.weight", shards[0]["decoder.final_layernorm.weight"]
+        if not cfg.tie_word_embeddings:
+            yield "lm_head.weight", mcore_to_hf_embeddings(shards, cfg, "output_layer.weight")

@@ -52,9 +52,10 @@ def _row_to_prompt(row: dict, fields: PromptFields, source: str, row_index: int)
     if a_field == "answer" and "####" in gold:  # GSM8K: worked solution, then "#### N"
         gold = _gsm8k_gold(gold)
     qid = row[id_field] if id_field and id_field in row else f"{source}-{row_index:05d}"
+    # Our own Prompt records carry their source; benchmark rows get "<benchmark-split>:<row>".
+    own_source = row.get("source") if "gold_answer" in row else None
     prompt = Prompt(id=str(qid), question=row[q_field], gold_answer=gold,
-                    source=row.get("source") if isinstance(row.get("source"), str) and "id" in row
-                    else f"{source}:{row_index}")
+                    source=own_source if isinstance(own_source, str) else f"{source}:{row_index}")
     prompt.validate()
     return prompt
 

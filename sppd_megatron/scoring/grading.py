@@ -189,6 +189,7 @@ def _worker_main() -> None:
     import math_verify  # noqa: F401  (import cost paid before reporting ready)
 
     out = sys.stdout
+    sys.stdout = sys.stderr  # a library print must not corrupt the reply stream
     out.write('"ready"\n')
     out.flush()
     for line in sys.stdin:

@@ -1,13 +1,18 @@
-"""Training checkpoints: Megatron dist checkpoints of model + optimizer, plus the loop's own state.
+"""Training checkpoints: model and optimizer as Megatron dist checkpoints, plus the loop's own state.
 
-Layout under ``OUTPUT_DIR/checkpoints``::
+Layout under ``OUTPUT_DIR/checkpoints`` (the model part is the converter's format, see
+:mod:`sppd_megatron.conversion.mcore_checkpoint`, so an iteration directory is also a valid
+``init.source=mcore`` / ``convert mcore-to-hf`` input)::
 
-    iter_0000010/            dist checkpoint (torch_dist) of {"model": ..., "optimizer": ...}
+    iter_0000010/sppd_model.json      architecture + tokenizer
+    iter_0000010/model/               dist checkpoint of the model (any TP/PP on load)
+    iter_0000010/optimizer/           dist checkpoint of the optimizer state
     iter_0000010/trainer_state.json   step, scheduler state, config fingerprint; written last
-    latest                   the newest complete iteration number
+    latest                            the newest complete iteration number
 
 A checkpoint counts only once ``trainer_state.json`` exists and ``latest`` points at it, so a run
-killed mid-save resumes from the previous one. dist_checkpointing reshards across TP/PP on load.
+killed mid-save resumes from the previous one. Saves run in-process (no writer subprocess that
+could outlive a killed trainer).
 """
 
 from __future__ import annotations
@@ -19,9 +24,12 @@ from pathlib import Path
 
 import torch
 
+from sppd_megatron.conversion import mcore_checkpoint as mcore
+from sppd_megatron.models.config import ModelConfig
 from sppd_megatron.parallel.state import is_rank0
 
 STATE_FILE = "trainer_state.json"
+OPTIMIZER_SUBDIR = "optimizer"
 
 
 def iter_dir(root: Path, step: int) -> Path:
@@ -41,24 +49,14 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def _sharded_state(model, optimizer, is_loading: bool) -> dict:
-    model_sd = model.sharded_state_dict()
-    state = {"model": model_sd}
-    if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
-    return state
-
-
-def save(root: Path, step: int, model, optimizer, trainer_state: dict, keep_last: int = 0) -> Path:
-    from megatron.core import dist_checkpointing
-
+def save(root: Path, step: int, model, optimizer, model_cfg: ModelConfig, tokenizer_spec: str,
+         trainer_state: dict, keep_last: int = 0) -> Path:
     target = iter_dir(root, step)
-    if is_rank0():
-        if target.exists():
-            shutil.rmtree(target)  # a partial save from a killed run
-        target.mkdir(parents=True)
+    if is_rank0() and target.exists():
+        shutil.rmtree(target)  # a partial save from a killed run
     _barrier()
-    dist_checkpointing.save(_sharded_state(model, optimizer, is_loading=False), str(target))
+    mcore.save_model_checkpoint(model, target, model_cfg, tokenizer_spec, source=f"train step {step}")
+    mcore.save_sharded_state_dict(optimizer.sharded_state_dict(model.sharded_state_dict()), target / OPTIMIZER_SUBDIR)
     _barrier()
     if is_rank0():
         tmp = target / (STATE_FILE + ".tmp")
@@ -75,21 +73,12 @@ def save(root: Path, step: int, model, optimizer, trainer_state: dict, keep_last
     return target
 
 
-def load(root: Path, step: int, model, optimizer) -> dict:
-    """Load model and optimizer state in place; returns trainer_state.json's content."""
+def load(root: Path, step: int, model, optimizer, model_cfg: ModelConfig) -> dict:
+    """Load model and optimizer state in place (any TP/PP layout); returns trainer_state.json's content."""
     from megatron.core import dist_checkpointing
 
     target = iter_dir(root, step)
-    state = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), str(target))
-    model.load_state_dict(state["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+    mcore.load_model_checkpoint(model, target, model_cfg)
+    sharded = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True)
+    optimizer.load_state_dict(dist_checkpointing.load(sharded, str(target / OPTIMIZER_SUBDIR)))
     return json.loads((target / STATE_FILE).read_text())
-
-
-def load_model_only(ckpt_dir: Path, model) -> None:
-    """Load just the model weights of a training or converted checkpoint (any TP/PP layout)."""
-    from megatron.core import dist_checkpointing
-
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt_dir))
-    model.load_state_dict(state["model"])

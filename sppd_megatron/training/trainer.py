@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -42,10 +43,10 @@ def resolve_model_and_tokenizer(cfg: TrainConfig) -> tuple[ModelConfig, str]:
     if init.source == "hf":
         model_cfg = model_config_from_hf(init.path)
         return model_cfg, cfg.data.tokenizer or init.path
-    from sppd_megatron.conversion.mcore_checkpoint import read_checkpoint_model_config
+    from sppd_megatron.conversion.mcore_checkpoint import checkpoint_tokenizer_spec, read_checkpoint_model_config
 
-    model_cfg, tokenizer = read_checkpoint_model_config(init.path)
-    return model_cfg, cfg.data.tokenizer or tokenizer
+    model_cfg = read_checkpoint_model_config(init.path)
+    return model_cfg, cfg.data.tokenizer or checkpoint_tokenizer_spec(init.path) or CHAR_TOKENIZER_SPEC
 
 
 def random_hf_state(model_cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -76,7 +77,7 @@ def build_policy(cfg: TrainConfig, model_cfg: ModelConfig):
     else:
         from sppd_megatron.conversion.mcore_checkpoint import load_model_checkpoint
 
-        load_model_checkpoint(model, cfg.init.path)
+        load_model_checkpoint(model, cfg.init.path, model_cfg)
     return model
 
 
@@ -375,7 +376,7 @@ def train(cfg: TrainConfig, stop_after_steps: int | None = None) -> dict:
     start_step = 0
     resume = ckpt.latest_step(ckpt_root) if cfg.checkpoint.resume else None
     if resume is not None:
-        state = ckpt.load(ckpt_root, resume, unwrap(ddp_model), optimizer)
+        state = ckpt.load(ckpt_root, resume, unwrap(ddp_model), optimizer, model_cfg)
         if state.get("config_fingerprint") != fingerprint:
             raise ValueError(
                 f"{ckpt_root}: checkpoint iter {resume} was written by a different config; use a new output_dir "
@@ -418,12 +419,14 @@ def train(cfg: TrainConfig, stop_after_steps: int | None = None) -> dict:
             progress.set_postfix(loss=f"{last['loss']:.4f}")
         interval = cfg.checkpoint.save_interval
         if (interval and step % interval == 0) or (step == train_steps and cfg.checkpoint.save_final):
-            ckpt.save(ckpt_root, step, unwrap(ddp_model), optimizer,
-                      {"scheduler": scheduler.state_dict(), "config_fingerprint": fingerprint,
-                       "model": config_to_dict(model_cfg), "tokenizer": str(tokenizer_spec)},
+            ckpt.save(ckpt_root, step, unwrap(ddp_model), optimizer, model_cfg, str(tokenizer_spec),
+                      {"scheduler": scheduler.state_dict(), "config_fingerprint": fingerprint},
                       keep_last=cfg.checkpoint.keep_last)
         if stop_after_steps is not None and step - start_step >= stop_after_steps:
             break
+        if os.environ.get("SPPD_KILL_AFTER_STEP") == str(step):
+            # Test hook: die like a node failure (SIGKILL: no cleanup, no flush beyond what was fsynced).
+            os.kill(os.getpid(), signal.SIGKILL)
     if progress is not None:
         progress.close()
     writer.close()

