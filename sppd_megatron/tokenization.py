@@ -12,6 +12,7 @@ from pathlib import Path
 
 CHAR_TOKENIZER_SPEC = "builtin:char"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+GENERIC_FAST_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -44,11 +45,19 @@ def load_tokenizer(spec: str | Path):
     """``builtin:char`` or a directory with Hugging Face tokenizer files (no download is attempted)."""
     if str(spec) == CHAR_TOKENIZER_SPEC:
         return build_char_tokenizer()
-    from transformers import AutoTokenizer
+    import json
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = Path(spec)
     if not path.is_dir():
         raise FileNotFoundError(
             f"tokenizer {spec!r}: not '{CHAR_TOKENIZER_SPEC}' and not a directory with tokenizer files"
         )
+    cfg_path = path / "tokenizer_config.json"
+    cls = json.loads(cfg_path.read_text()).get("tokenizer_class") if cfg_path.is_file() else None
+    if cls in GENERIC_FAST_CLASSES and (path / "tokenizer.json").is_file():
+        # AutoTokenizer would pick the class from config.json's model type (Qwen2Tokenizer for a
+        # Qwen2 config), which re-splits a tokenizer.json built in code; load it as saved instead.
+        return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
