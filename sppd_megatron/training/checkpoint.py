@@ -30,6 +30,10 @@ from sppd_megatron.parallel.state import is_rank0
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_SUBDIR = "optimizer"
+# The distributed optimizer's default format (fully_sharded_model_space) fails to save in megatron-core
+# 0.16 without TE/Apex (docs/platform.md); dp_reshardable works and is what we write. It reshards
+# model-parallel layouts but needs the same data-parallel size on resume.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def iter_dir(root: Path, step: int) -> Path:
@@ -56,7 +60,9 @@ def save(root: Path, step: int, model, optimizer, model_cfg: ModelConfig, tokeni
         shutil.rmtree(target)  # a partial save from a killed run
     _barrier()
     mcore.save_model_checkpoint(model, target, model_cfg, tokenizer_spec, source=f"train step {step}")
-    mcore.save_sharded_state_dict(optimizer.sharded_state_dict(model.sharded_state_dict()), target / OPTIMIZER_SUBDIR)
+    mcore.save_sharded_state_dict(
+        optimizer.sharded_state_dict(model.sharded_state_dict(), metadata=OPTIMIZER_METADATA), target / OPTIMIZER_SUBDIR
+    )
     _barrier()
     if is_rank0():
         tmp = target / (STATE_FILE + ".tmp")
@@ -78,7 +84,50 @@ def load(root: Path, step: int, model, optimizer, model_cfg: ModelConfig) -> dic
     from megatron.core import dist_checkpointing
 
     target = iter_dir(root, step)
+    _prepare_distributed_optimizer_for_load(optimizer)  # before the model: it takes a (no-op) step
     mcore.load_model_checkpoint(model, target, model_cfg)
-    sharded = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True)
-    optimizer.load_state_dict(dist_checkpointing.load(sharded, str(target / OPTIMIZER_SUBDIR)))
-    return json.loads((target / STATE_FILE).read_text())
+    sharded = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True, metadata=OPTIMIZER_METADATA)
+    loaded = dist_checkpointing.load(sharded, str(target / OPTIMIZER_SUBDIR))
+    with torch.no_grad():  # fp32 main params of the distributed optimizer are views of leaf parameters
+        optimizer.load_state_dict(loaded)
+    trainer_state = json.loads((target / STATE_FILE).read_text())
+    _restore_step_counts(optimizer, trainer_state["step"])
+    return trainer_state
+
+
+def _inner_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _prepare_distributed_optimizer_for_load(optimizer) -> None:
+    """Give a fresh distributed optimizer Adam states (and their ``step``) to load into.
+
+    Without TE/Apex, megatron-core 0.16's DistributedOptimizer.state_dict() reads ``step`` from the
+    torch optimizer's per-parameter state, which exists only after a first step.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in _inner_optimizers(optimizer):
+        if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
+            groups = opt.optimizer.param_groups
+            saved = [(g["lr"], g.get("weight_decay", 0.0)) for g in groups]
+            for g in groups:  # zero lr and decay: the dummy step must not move any weight
+                g["lr"], g["weight_decay"] = 0.0, 0.0
+            opt._init_optimizer_states_with_dummy_values()
+            for g, (lr, wd) in zip(groups, saved):
+                g["lr"], g["weight_decay"] = lr, wd
+
+
+def _restore_step_counts(optimizer, step: int) -> None:
+    """Give every parameter its own Adam ``step`` tensor equal to the optimizer steps taken.
+
+    megatron-core 0.16's DistributedOptimizer (without TE/Apex) restores ``step`` as one tensor shared
+    by all parameters, from the state it had before loading (measured: 1 after the dummy init, not the
+    saved count); torch's Adam then increments the shared tensor once per parameter. Every training
+    step is one successful optimizer step (a failed one stops the run), so the count is the step.
+    """
+    for opt in _inner_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        for state in (inner.state.values() if inner is not None else []):
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = torch.tensor(float(step), dtype=state["step"].dtype)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from sppd_megatron.testing.distributed import torchrun
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -52,3 +54,21 @@ def test_resume_with_a_different_config_is_refused(runs):
     proc = _train(runs / "full", "loss.beta=0.2", "schedule.train_steps=8")
     assert proc.returncode != 0
     assert "different config" in proc.stderr
+
+
+@pytest.mark.distributed
+def test_distributed_optimizer_resume_under_torchrun(tmp_path):
+    """DP=2 with the distributed optimizer (Adam state sharded over ranks): killed, resumed, identical."""
+    args = ["-m", "sppd_megatron", "train", "configs/tiny-cpu/step_dpo.yaml", "schedule.train_steps=5",
+            "checkpoint.save_interval=2", "optim.optimizer=adamw", "optim.lr=1e-3", "optim.weight_decay=0.1",
+            "parallel.use_distributed_optimizer=true", "logging.progress=false"]
+    torchrun([*args, f"output_dir={tmp_path / 'full'}"], nproc=2, cwd=REPO)
+    killed = torchrun([*args, f"output_dir={tmp_path / 'killed'}"], nproc=2, cwd=REPO, check=False,
+                      env={"SPPD_KILL_AFTER_STEP": "3"})
+    assert killed.returncode != 0
+    torchrun([*args, f"output_dir={tmp_path / 'killed'}"], nproc=2, cwd=REPO)
+    full, resumed = _metrics(tmp_path / "full"), _metrics(tmp_path / "killed")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5]
+    for a, b in zip(full, resumed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-7), a["step"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), a["step"]
