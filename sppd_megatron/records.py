@@ -309,7 +309,12 @@ class SFTExample(Record):
 
 @dataclass
 class Prediction(Record):
-    """One evaluated question: generations, extracted answers, verdicts and ORM scores."""
+    """One evaluated question: generations, extracted answers, verdicts and ORM scores.
+
+    ``generations`` are the sampled solutions; ``answers``, ``correct``, ``scores`` (ORM) and
+    ``answer_classes`` (index of the first sample with an equivalent answer, None when no answer)
+    run parallel to them. The greedy solution, when evaluated, is kept apart in ``greedy_*``.
+    """
 
     kind: ClassVar[str] = "prediction"
     id: str
@@ -320,6 +325,25 @@ class Prediction(Record):
     answers: list[str | None]
     correct: list[bool]
     scores: list[float] | None = None
+    question: str = ""
+    answer_classes: list[int | None] | None = None
+    greedy_generation: str | None = None
+    greedy_answer: str | None = None
+    greedy_correct: bool | None = None
+
+    def validate(self) -> None:
+        _require_str("id", self.id, allow_empty=False)
+        _require_str("benchmark", self.benchmark, allow_empty=False)
+        n = len(self.generations) if isinstance(self.generations, list) else -1
+        for name in ("answers", "correct", "scores", "answer_classes"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, list) or len(value) != n):
+                raise RecordError(f"prediction {self.id}: '{name}' must be a list parallel to generations ({n})")
+        for i, score in enumerate(self.scores or []):
+            _check_finite(f"scores[{i}]", score)
+        for i, cls in enumerate(self.answer_classes or []):
+            if cls is not None and not (isinstance(cls, int) and 0 <= cls <= i):
+                raise RecordError(f"prediction {self.id}: answer_classes[{i}]={cls!r} is not an earlier sample index")
 
 
 # --- JSONL I/O ----------------------------------------------------------------------------------
