@@ -8,7 +8,6 @@ grader agree on what counts as an answer.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -70,32 +69,9 @@ def extract_final_answer(text: str) -> str | None:
 
     Delegates to the grader so sampling and scoring share one definition.
     """
-    try:
-        from sppd_megatron.scoring.grading import extract_answer
-    except ImportError:
-        # TODO(grading.extract_answer): remove this fallback once sppd_megatron/scoring/grading.py lands.
-        return _fallback_extract_answer(text)
+    from sppd_megatron.scoring.grading import extract_answer
+
     return extract_answer(text)
-
-
-_HASHES = re.compile(r"####\s*([^\n]+?)\s*$", re.MULTILINE)
-
-
-def _fallback_extract_answer(text: str) -> str | None:
-    """Minimal stand-in for grading.extract_answer: last ``\\boxed{...}`` (nested braces) or ``#### N``."""
-    start = text.rfind("\\boxed{")
-    if start >= 0:
-        depth, i = 0, start + len("\\boxed")
-        for j in range(i, len(text)):
-            if text[j] == "{":
-                depth += 1
-            elif text[j] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[i + 1 : j].strip()
-        return None  # an unclosed box is not an answer yet
-    found = _HASHES.findall(text)
-    return found[-1] if found else None
 
 
 FinishReason = Literal["eos", "answer", "max_depth", "max_tokens"]
