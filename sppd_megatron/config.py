@@ -173,3 +173,22 @@ def config_to_dict(cfg: Any) -> dict:
         return v
 
     return conv(cfg)
+
+
+def parse_config_command(prog: str, cls: type[T], argv: list[str] | None, doc: str | None, example: str) -> T:
+    """The shared command line of config-driven verbs: ``VERB CONFIG.yaml [dotted.key=value ...]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=(doc or "").strip().splitlines()[0] if doc else None)
+    parser.add_argument("config", help=f"YAML file of {cls.__name__} keys")
+    parser.add_argument("overrides", nargs="*", help=f"dotted.key=value overrides, e.g. {example}")
+    args = parser.parse_args(argv)
+    return load_config(cls, args.config, args.overrides)
+
+
+def report_error(prog: str, exc: BaseException) -> int:
+    """Print a user error (bad config, bad record, missing file) as one line; the exit code is 2."""
+    import sys
+
+    print(f"{prog}: error: {exc}", file=sys.stderr)
+    return 2

@@ -8,14 +8,13 @@ order is deterministic: trees in shard order, pairs within a tree largest gap fi
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sppd_megatron.config import ConfigError, config_to_dict, load_config
+from sppd_megatron.config import ConfigError, config_to_dict, parse_config_command, report_error
 from sppd_megatron.pairs.builders import (
     SVPOCounts,
     TreeNotUsable,
@@ -237,16 +236,11 @@ def print_stats(stats: dict, output_dir: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sppd-megatron pairs", description=__doc__.splitlines()[0])
-    parser.add_argument("config", help="YAML file of PairsConfig keys (see docs/scoring-and-pairs.md)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. step.threshold=0.3")
-    args = parser.parse_args(argv)
     try:
-        cfg = load_config(PairsConfig, args.config, args.overrides)
+        cfg = parse_config_command("sppd-megatron pairs", PairsConfig, argv, __doc__, "step.threshold=0.3")
         stats = run_pairs(cfg)
     except (ConfigError, RecordError, FileNotFoundError, ValueError) as exc:
-        print(f"sppd-megatron pairs: error: {exc}", file=sys.stderr)
-        return 2
+        return report_error("sppd-megatron pairs", exc)
     print_stats(stats, cfg.output_dir)
     return 0
 

@@ -8,13 +8,12 @@ trees would otherwise come from a differently-shaped batch) and only its missing
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
 import time
 
-from sppd_megatron.config import ConfigError, config_to_dict, load_config
+from sppd_megatron.config import ConfigError, config_to_dict, parse_config_command, report_error
 from sppd_megatron.records import RecordError
 from sppd_megatron.sampling.config import SampleConfig
 from sppd_megatron.sampling.output import ShardedTreeWriter, write_manifest
@@ -91,16 +90,11 @@ def run_sampling(cfg: SampleConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sppd-megatron sample", description=__doc__.splitlines()[0])
-    parser.add_argument("config", help="YAML file of SampleConfig keys (see docs/sampling.md)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. K=8 engine.reuse_prefix=false")
-    args = parser.parse_args(argv)
     try:
-        cfg = load_config(SampleConfig, args.config, args.overrides)
+        cfg = parse_config_command("sppd-megatron sample", SampleConfig, argv, __doc__, "K=8 engine.reuse_prefix=false")
         summary = run_sampling(cfg)
     except (ConfigError, RecordError, FileNotFoundError, ValueError) as exc:
-        print(f"sppd-megatron sample: error: {exc}", file=sys.stderr)
-        return 2
+        return report_error("sppd-megatron sample", exc)
     secs = max(summary["seconds"], 1e-9)
     print(f"sampled {summary['written']} trees ({summary['already_done']} already done) of "
           f"{summary['questions']} questions into {cfg.output_dir} in {summary['seconds']:.1f}s; "

@@ -9,7 +9,6 @@ interrupted run resumes where it stopped. Input lines that are not valid trees g
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from sppd_megatron.config import ConfigError, load_config
+from sppd_megatron.config import ConfigError, parse_config_command, report_error
 from sppd_megatron.records import JsonlAppender, RecordError, Tree, iter_jsonl_lenient
 from sppd_megatron.sampling.config import EngineConfig
 from sppd_megatron.scoring.grading import DEFAULT_TIMEOUT_SECONDS
@@ -199,16 +198,11 @@ def run_scoring(cfg: ScoreConfig, prms: dict | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sppd-megatron score", description=__doc__.splitlines()[0])
-    parser.add_argument("config", help="YAML file of ScoreConfig keys (see docs/scoring-and-pairs.md)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. scorers=[tree,mc]")
-    args = parser.parse_args(argv)
     try:
-        cfg = load_config(ScoreConfig, args.config, args.overrides)
+        cfg = parse_config_command("sppd-megatron score", ScoreConfig, argv, __doc__, "scorers=[tree,mc]")
         summary = run_scoring(cfg)
     except (ConfigError, RecordError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"sppd-megatron score: error: {exc}", file=sys.stderr)
-        return 2
+        return report_error("sppd-megatron score", exc)
     accuracy = summary["correct"] / summary["terminal"] if summary["terminal"] else 0.0
     print(
         f"scored {summary['scored']} trees ({summary['already_done']} already done, {summary['rejected']} rejected"

@@ -2,36 +2,24 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
 import warnings
 
-from sppd_megatron.config import ConfigError, load_config
+from sppd_megatron.config import ConfigError, parse_config_command, report_error
 from sppd_megatron.training.config import TrainConfig
-
-
-def parse_train_config(argv: list[str]) -> TrainConfig:
-    parser = argparse.ArgumentParser(prog="sppd-megatron train", description=__doc__)
-    parser.add_argument("config", help="YAML recipe (see configs/)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. optim.lr=1e-5")
-    args = parser.parse_args(argv)
-    return load_config(TrainConfig, args.config, args.overrides)
 
 
 def main(argv: list[str]) -> int:
     warnings.filterwarnings("ignore")
+    from sppd_megatron.parallel.state import destroy
     from sppd_megatron.training.data import DataError
 
     try:
-        cfg = parse_train_config(argv)
+        cfg = parse_config_command("sppd-megatron train", TrainConfig, argv, __doc__, "optim.lr=1e-5")
         from sppd_megatron.training.trainer import train
 
         train(cfg)
     except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error("sppd-megatron train", exc)
     finally:
-        from sppd_megatron.parallel.state import destroy
-
         destroy()
     return 0
