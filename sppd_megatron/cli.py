@@ -19,6 +19,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "eval": ("sppd_megatron.evaluation.cli", "Greedy-CoT, MAJ@N, ORM_VOTE@N, ORM_MAX@N on benchmarks"),
     "run": ("sppd_megatron.pipeline.cli", "the whole self-training loop in a run directory"),
     "demo": ("sppd_megatron.pipeline.demo", "the embedded CPU default: train a tiny model, run SPPD"),
+    "plan": ("sppd_megatron.planning.cli", "validate a recipe's parallel layout and plan per-GPU memory"),
 }
 
 
