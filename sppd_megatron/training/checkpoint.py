@@ -85,6 +85,7 @@ def load(root: Path, step: int, model, optimizer, model_cfg: ModelConfig) -> dic
 
     target = iter_dir(root, step)
     _prepare_distributed_optimizer_for_load(optimizer)  # before the model: it takes a (no-op) step
+    _give_sgd_a_state_initialiser(optimizer)
     mcore.load_model_checkpoint(model, target, model_cfg)
     sharded = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True, metadata=OPTIMIZER_METADATA)
     loaded = dist_checkpointing.load(sharded, str(target / OPTIMIZER_SUBDIR))
@@ -116,6 +117,21 @@ def _prepare_distributed_optimizer_for_load(optimizer) -> None:
             opt._init_optimizer_states_with_dummy_values()
             for g, (lr, wd) in zip(groups, saved):
                 g["lr"], g["weight_decay"] = lr, wd
+
+
+def _init_sgd_state(opt, config=None) -> None:
+    for group in opt.param_groups:
+        if group.get("momentum", 0.0):
+            for p in group["params"]:
+                opt.state[p].setdefault("momentum_buffer", torch.zeros_like(p.data))
+
+
+def _give_sgd_a_state_initialiser(optimizer) -> None:
+    """megatron-core 0.16 builds SGD optimizers with ``init_state_fn=None`` but calls it when loading
+    a sharded state dict; give SGD the (momentum buffer) initialiser it lacks."""
+    for opt in _inner_optimizers(optimizer):
+        if getattr(opt, "init_state_fn", "absent") is None:
+            opt.init_state_fn = _init_sgd_state
 
 
 def _restore_step_counts(optimizer, step: int) -> None:

@@ -36,7 +36,18 @@ PREFERENCE_STAGES = ("dpo", "step_dpo", "svpo")
 
 
 def resolve_model_and_tokenizer(cfg: TrainConfig) -> tuple[ModelConfig, str]:
-    """The architecture and tokenizer the run uses, from the config or the init checkpoint."""
+    """The architecture and tokenizer the run uses, from the config or the init checkpoint.
+
+    A tokenizer directory is returned as an absolute path: checkpoints record it, and a path relative
+    to the working directory would be read relative to the checkpoint later.
+    """
+    model_cfg, spec = _model_and_tokenizer_spec(cfg)
+    if not str(spec).startswith("builtin:") and Path(spec).exists():
+        spec = str(Path(spec).resolve())
+    return model_cfg, spec
+
+
+def _model_and_tokenizer_spec(cfg: TrainConfig) -> tuple[ModelConfig, str]:
     init = cfg.init
     if init.source == "random":
         return cfg.model, cfg.data.tokenizer or CHAR_TOKENIZER_SPEC

@@ -13,11 +13,16 @@ from sppd_megatron.testing.distributed import torchrun
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _train(out: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+OPTIMIZERS = {
+    "adamw": ["optim.optimizer=adamw", "optim.lr=1e-3"],
+    "sgd": ["optim.optimizer=sgd", "optim.lr=1e-2", "optim.sgd_momentum=0.9"],
+}
+
+
+def _train(out: Path, *overrides: str, env: dict | None = None, optimizer: str = "adamw") -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "sppd_megatron", "train", "configs/tiny-cpu/step_dpo.yaml",
            f"output_dir={out}", "schedule.train_steps=6", "checkpoint.save_interval=2",
-           "optim.optimizer=adamw", "optim.lr=1e-3", "optim.warmup_steps=2", "logging.progress=false",
-           *overrides]
+           *OPTIMIZERS[optimizer], "optim.warmup_steps=2", "logging.progress=false", *overrides]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
 
@@ -26,21 +31,22 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("resume")
-    full = _train(tmp / "full")
+@pytest.fixture(scope="module", params=sorted(OPTIMIZERS))
+def runs(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(f"resume-{request.param}")
+    full = _train(tmp / "full", optimizer=request.param)
     assert full.returncode == 0, full.stderr[-3000:]
-    killed = _train(tmp / "killed", env={"SPPD_KILL_AFTER_STEP": "3"})
+    killed = _train(tmp / "killed", env={"SPPD_KILL_AFTER_STEP": "3"}, optimizer=request.param)
     assert killed.returncode == -9, killed.stderr[-3000:]
-    return tmp
+    return tmp, request.param
 
 
 def test_killed_run_resumes_with_identical_losses(runs):
+    runs, optimizer = runs
     killed_dir = runs / "killed"
     assert (killed_dir / "checkpoints" / "latest").read_text() == "2"
     assert [m["step"] for m in _metrics(killed_dir)] == [1, 2, 3]
-    resumed = _train(killed_dir)
+    resumed = _train(killed_dir, optimizer=optimizer)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     full, after = _metrics(runs / "full"), _metrics(killed_dir)
     assert [m["step"] for m in after] == [1, 2, 3, 4, 5, 6]
@@ -51,7 +57,8 @@ def test_killed_run_resumes_with_identical_losses(runs):
 
 
 def test_resume_with_a_different_config_is_refused(runs):
-    proc = _train(runs / "full", "loss.beta=0.2", "schedule.train_steps=8")
+    runs, optimizer = runs
+    proc = _train(runs / "full", "loss.beta=0.2", "schedule.train_steps=8", optimizer=optimizer)
     assert proc.returncode != 0
     assert "different config" in proc.stderr
 
