@@ -1,0 +1,230 @@
+"""``RunConfig``: one YAML for the whole self-training loop (``sppd-megatron run CONFIG [k=v ...]``).
+
+The stage sections reuse the stage verbs' own configs: ``sample``, ``score`` and ``pairs`` hold
+keys of ``SampleConfig``, ``ScoreConfig`` and ``PairsConfig`` (the run fills in the paths, the
+policy and the seed); each training stage names a ``train`` recipe YAML and overrides on top of
+it (the run fills in ``output_dir``, ``init`` and ``data.train_file``). Every section is checked
+against its stage's dataclass when the run config loads, so a typo fails before any sampling.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from sppd_megatron.config import config_from_dict, load_config
+from sppd_megatron.records import PromptTemplate
+from sppd_megatron.sampling.config import EngineConfig
+from sppd_megatron.sampling.prompts import PromptFields
+
+StageName = Literal["sample", "score", "pairs", "sft_prm", "dpo_prm", "step_dpo", "eval"]
+ALL_STAGES: list[str] = ["sample", "score", "pairs", "sft_prm", "dpo_prm", "step_dpo", "eval"]
+TRAIN_STAGES = {"sft_prm": ("sft", "sft"), "dpo_prm": ("dpo", "dpo"), "step_dpo": ("step_dpo", "step")}
+"""Run stage -> (trainer stage, pairs dataset it trains on)."""
+MarginMode = Literal["dynamic", "fixed", "none"]
+
+
+@dataclass
+class PromptsConfig:
+    """The questions the policy samples trees for."""
+
+    path: str
+    """Prompts JSONL: Prompt records or a benchmark layout (see ``sppd-megatron sample``)."""
+    fields: PromptFields = field(default_factory=PromptFields)
+    """Field names when the layout is not detected."""
+    limit: int | None = None
+    """Use only the first N prompts."""
+
+
+@dataclass
+class BenchmarkConfig:
+    """One evaluation set."""
+
+    path: str
+    """JSONL in any layout ``load_prompts`` reads."""
+    fields: PromptFields = field(default_factory=PromptFields)
+    limit: int | None = None
+    """Evaluate only the first N questions."""
+
+
+@dataclass
+class EvalConfig:
+    """How every trained checkpoint (and the starting policy) is evaluated (issue 6's harness)."""
+
+    benchmarks: dict[str, BenchmarkConfig] = field(default_factory=dict)
+    """Name -> benchmark; the first is the one ``next_policy: best`` ranks by."""
+    modes: list[str] = field(default_factory=lambda: ["greedy"])
+    """Harness modes, e.g. ``greedy``, ``maj@8``."""
+    max_new_tokens: int = 2048
+    temperature: float = 0.7
+    """Sampling temperature of the N-sample modes (greedy ignores it)."""
+    seed: int = 0
+    questions_per_batch: int = 32
+    """Questions whose generations go to the engine in one call (the harness resumes by these groups)."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Rollout engine serving each checkpoint's HF export."""
+    models: list[str] = field(default_factory=lambda: ["base", "sft_prm", "dpo_prm", "step_dpo"])
+    """Which models of an iteration to evaluate: ``base`` (its starting policy), trained stages, and
+    ablation runs (``step_dpo_none``, ``step_dpo_fixed``...)."""
+
+
+@dataclass
+class TrainStageConfig:
+    """A training stage: a ``sppd-megatron train`` recipe plus overrides."""
+
+    config: str
+    """TrainConfig YAML (e.g. configs/tiny-cpu/sft.yaml); its stage must match the run stage."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Nested TrainConfig keys replacing the recipe's (``{optim: {lr: 1e-5}}``)."""
+
+
+@dataclass
+class TrainStagesConfig:
+    """The training chain SFT-PRM -> DPO-PRM -> step-DPO; each starts from the previous one's checkpoint."""
+
+    sft_prm: TrainStageConfig | None = None
+    dpo_prm: TrainStageConfig | None = None
+    step_dpo: TrainStageConfig | None = None
+    margin_ablation: list[MarginMode] = field(default_factory=list)
+    """Extra step-DPO runs from the same initial checkpoint with these ``loss.margin_mode`` values
+    (stages ``step_dpo_<mode>``): the paper's margin ablation. Not chained into the next iteration."""
+    launcher: list[str] = field(default_factory=list)
+    """Command prefix replacing ``python -m sppd_megatron`` for training, e.g.
+    ``[torchrun, --nproc-per-node=2, -m, sppd_megatron]``."""
+    threads: int = 1
+    """OMP/torch threads of each training process (CPU)."""
+
+
+@dataclass
+class RunConfig:
+    """The self-training loop: sample -> score -> pairs -> SFT-PRM -> DPO-PRM -> step-DPO -> eval."""
+
+    run_dir: str
+    """Stage directories go to ``run_dir/iter<k>/<stage>/`` with a ``manifest.json`` each."""
+    policy: str
+    """The starting policy: a Hugging Face directory, or ``tiny`` / ``tiny:llama[:SEED]`` / ``tiny:qwen2``
+    (built in code with the character tokenizer)."""
+    prompts: PromptsConfig
+    seed: int = 0
+    """Seed of sampling, scoring rollouts and training (each stage derives its own from it)."""
+    stages: list[StageName] = field(default_factory=lambda: list(ALL_STAGES))
+    """Stages to run in each iteration, in the fixed order of ALL_STAGES."""
+    iterations: int = 1
+    """1: stage 1 only; 2+: re-sample with ``next_policy`` of the previous iteration and repeat."""
+    next_policy: Literal["last", "best"] = "last"
+    """The next iteration's policy: the last trained stage, or the evaluated model best on the first
+    benchmark's first mode (needs the eval stage)."""
+    template: PromptTemplate = field(default_factory=PromptTemplate)
+    """Prompt layout used for sampling and evaluation (the paper's system prompt by default)."""
+    sample: dict[str, Any] = field(default_factory=dict)
+    """SampleConfig keys (K, C, temperature, engine, max_depth, ...)."""
+    score: dict[str, Any] = field(default_factory=dict)
+    """ScoreConfig keys (scorers, mc.rollouts, ...); ``mc.model`` is set to the iteration's policy."""
+    pairs: dict[str, Any] = field(default_factory=dict)
+    """PairsConfig keys (value_name, step.threshold, ...)."""
+    train: TrainStagesConfig = field(default_factory=TrainStagesConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    progress: bool = True
+    """Progress bars on every long stage."""
+    tensorboard: bool = True
+    """Evaluation accuracies to ``run_dir/tensorboard`` (training stages log their own)."""
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise ValueError("iterations must be >= 1")
+        unknown = [s for s in self.stages if s not in ALL_STAGES]
+        if unknown:
+            raise ValueError(f"stages: unknown {unknown}; valid: {ALL_STAGES}")
+        self.stages = [s for s in ALL_STAGES if s in self.stages]
+        for name in TRAIN_STAGES:
+            if name in self.stages and getattr(self.train, name) is None:
+                raise ValueError(f"stage {name} is listed but train.{name}.config is not set")
+        if self.train.margin_ablation and "step_dpo" not in self.stages:
+            raise ValueError("train.margin_ablation needs the step_dpo stage")
+        if "eval" in self.stages and not self.eval.benchmarks:
+            raise ValueError("the eval stage needs eval.benchmarks")
+        if self.next_policy == "best" and self.iterations > 1 and "eval" not in self.stages:
+            raise ValueError("next_policy: best needs the eval stage")
+        # Each section must build its stage's config: typos fail now, not after an hour of sampling.
+        self.sample_config("<policy>", "<out>")
+        self.score_config("<in>", "<out>", "<policy>")
+        self.pairs_config("<in>", "<out>")
+        for name in TRAIN_STAGES:
+            if name in self.stages:
+                self.train_config(name, "<out>", "hf", "<policy>", "<data>")
+
+    # --- stage configs ----------------------------------------------------------------------------
+    def sample_config(self, policy: str, output_dir: str | Path):
+        from sppd_megatron.sampling.config import SampleConfig
+
+        data = copy.deepcopy(self.sample)
+        data.update(input=self.prompts.path, output_dir=str(output_dir), model=policy,
+                    fields=self.prompts.fields.__dict__, num_questions=self.prompts.limit,
+                    template=self.template.__dict__, seed=self.seed, progress=self.progress)
+        return config_from_dict(SampleConfig, data, "run config, section sample")
+
+    def score_config(self, input_dir: str | Path, output_dir: str | Path, policy: str):
+        from sppd_megatron.scoring.cli import ScoreConfig
+
+        data = copy.deepcopy(self.score)
+        data.update(input_dir=str(input_dir), output_dir=str(output_dir), progress=self.progress)
+        mc = data.setdefault("mc", {})
+        mc["model"] = policy
+        mc.setdefault("rollouts", {})["seed"] = self.seed
+        return config_from_dict(ScoreConfig, data, "run config, section score")
+
+    def pairs_config(self, input_dir: str | Path, output_dir: str | Path):
+        from sppd_megatron.pairs.cli import PairsConfig
+
+        data = copy.deepcopy(self.pairs)
+        data.update(input_dir=str(input_dir), output_dir=str(output_dir), progress=self.progress)
+        return config_from_dict(PairsConfig, data, "run config, section pairs")
+
+    def train_config(self, stage: str, output_dir: str | Path, init_source: str, init_path: str | None,
+                     train_file: str | Path, margin_mode: str | None = None) -> dict:
+        """The full TrainConfig of a run stage (``sft_prm``, ``dpo_prm``, ``step_dpo``) as a plain dict:
+        the recipe, its overrides, then what the run decides (paths, init, seeds, progress)."""
+        from sppd_megatron.config import ConfigError, config_to_dict
+        from sppd_megatron.training.config import TrainConfig
+
+        section: TrainStageConfig = getattr(self.train, stage)
+        try:
+            data = yaml.safe_load(Path(section.config).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"train.{stage}.config: cannot read {section.config} ({exc.strerror})") from None
+        data = _deep_merge(data, copy.deepcopy(section.overrides))
+        trainer_stage = TRAIN_STAGES[stage][0]
+        if data.get("stage", "sft") != trainer_stage:
+            raise ValueError(f"train.{stage}: {section.config} is a '{data.get('stage', 'sft')}' recipe, "
+                             f"this stage trains '{trainer_stage}'")
+        data["output_dir"] = str(output_dir)
+        data["init"] = {**data.get("init", {}), "source": init_source, "path": init_path}
+        data.setdefault("data", {})["train_file"] = str(train_file)
+        if init_source != "random":  # architecture and tokenizer come from the checkpoint
+            data["model"] = None
+            data["data"]["tokenizer"] = None
+        schedule = data.setdefault("schedule", {})
+        schedule["seed"] = schedule.get("seed", 1234) + self.seed
+        data.setdefault("logging", {})["progress"] = self.progress
+        if margin_mode is not None:
+            data.setdefault("loss", {})["margin_mode"] = margin_mode
+        return config_to_dict(config_from_dict(TrainConfig, data, f"run config, train.{stage} ({section.config})"))
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a run YAML + dotted overrides (``sample.K=8``, ``train.step_dpo.overrides.loss.gamma=2``)."""
+    return load_config(RunConfig, path, overrides)
+

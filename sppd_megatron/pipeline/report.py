@@ -1,0 +1,99 @@
+"""The run's final report: the paper-shaped table (rows = models, columns = benchmark x mode).
+
+``report.json`` keeps everything (per iteration: eval summaries with confidence intervals, last
+training metrics of each stage, stage seconds); ``report.md`` and the printed table show the
+accuracies. Rows follow the paper's Table: Base, +SFT-PRM, +SFT-PRM & DPO-PRM, +SPPD, then the
+margin ablation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+ROW_LABELS = {
+    "base": "Base",
+    "sft_prm": "+SFT-PRM",
+    "dpo_prm": "+SFT-PRM & DPO-PRM",
+    "step_dpo": "+SPPD (step-DPO, dynamic margin)",
+    "step_dpo_dynamic": "step-DPO, dynamic margin",
+    "step_dpo_fixed": "step-DPO, fixed margin",
+    "step_dpo_none": "step-DPO, no margin",
+}
+
+
+def row_label(model: str) -> str:
+    return ROW_LABELS.get(model, model)
+
+
+def results(summary: dict) -> dict:
+    """``{benchmark: {mode: stats}}`` of an evaluation summary (issue 6's ``summary.json``)."""
+    return summary.get("results", {})
+
+
+def columns(evals: dict[str, dict]) -> list[tuple[str, str]]:
+    """(benchmark, mode) pairs in first-seen order over all models."""
+    out: list[tuple[str, str]] = []
+    for summary in evals.values():
+        for bench, modes in results(summary).items():
+            for mode in modes:
+                if (bench, mode) not in out:
+                    out.append((bench, mode))
+    return out
+
+
+def _cell(summary: dict, bench: str, mode: str) -> str:
+    r = results(summary).get(bench, {}).get(mode)
+    if r is None:
+        return "-"
+    return f"{100 * r['accuracy']:.1f} ({r['correct']}/{r['n']})"
+
+
+def table_rows(evals: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    cols = columns(evals)
+    header = ["model"] + [f"{bench} {mode}" for bench, mode in cols]
+    rows = [[row_label(m)] + [_cell(s, b, mode) for b, mode in cols] for m, s in evals.items()]
+    return header, rows
+
+
+def markdown_table(evals: dict[str, dict]) -> str:
+    header, rows = table_rows(evals)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def print_table(evals: dict[str, dict], title: str) -> None:
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    header, rows = table_rows(evals)
+    table = Table(title=title)
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*r)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+def write_report(run_dir: str | Path, report: dict, title: str, notes: list[str] | None = None) -> tuple[Path, Path]:
+    """``report.json`` (all of ``report``) and ``report.md`` (a table per iteration); atomic writes."""
+    run_dir = Path(run_dir)
+    json_path, md_path = run_dir / "report.json", run_dir / "report.md"
+    md = [f"# {title}", ""]
+    for it, body in report.get("iterations", {}).items():
+        if body.get("eval"):
+            md += [f"## Iteration {it}: accuracy % (correct/n)", "", markdown_table(body["eval"]), ""]
+        if body.get("train"):
+            md += [f"Training (iteration {it}): " + "; ".join(
+                f"{row_label(k)}: {v['step']} steps, final loss {v['loss']:.4f}" for k, v in body["train"].items()
+                if v) + ".", ""]
+    md += notes or []
+    for path, text in ((json_path, json.dumps(report, indent=2, sort_keys=True) + "\n"), (md_path, "\n".join(md) + "\n")):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return json_path, md_path

@@ -1,0 +1,124 @@
+"""The self-training loop, read top to bottom (SPPD section 4: stage 1, then re-sampling for stage 2).
+
+    policy -> sample trees -> score -> pairs -> SFT-PRM -> DPO-PRM -> step-DPO (+ margin ablation)
+           -> evaluate -> next iteration's policy
+
+Each arrow is a stage with a manifest in ``run_dir/iter<k>/<stage>/`` (see :mod:`.manifest`): a
+re-run skips finished stages, resumes an interrupted one and refuses a changed config.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from sppd_megatron.config import config_to_dict
+from sppd_megatron.pipeline.config import TRAIN_STAGES, RunConfig
+from sppd_megatron.pipeline.report import print_table, results, write_report
+from sppd_megatron.pipeline.stages import (
+    eval_stage,
+    pairs_stage,
+    prepare_policy,
+    sample_stage,
+    score_stage,
+    train_stage,
+)
+
+RUN_CONFIG_FILE = "run_config.json"
+
+
+def _last_metrics(outputs: dict[str, str]) -> dict | None:
+    path = outputs.get("metrics")
+    if not path or not Path(path).is_file():
+        return None
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    return json.loads(lines[-1]) if lines else None
+
+
+def run_iteration(cfg: RunConfig, it: int, policy_hf: str, log: Callable[[str], None]) -> dict:
+    """One pass of the loop from ``policy_hf``; returns the models, their evals and training metrics."""
+    it_dir = Path(cfg.run_dir) / f"iter{it}"
+    stages = cfg.stages
+    trees = str(it_dir / "sample" / "trees")
+    scored = str(it_dir / "score" / "scored")
+    pairs = {kind: str(it_dir / "pairs" / name) for kind, name in
+             (("sft", "sft.jsonl"), ("dpo", "dpo.jsonl"), ("step", "step_pairs.jsonl"))}
+    if "sample" in stages:
+        trees = sample_stage(cfg, it_dir / "sample", policy_hf, log)
+    if "score" in stages:
+        scored = score_stage(cfg, it_dir / "score", trees, policy_hf, log)
+    if "pairs" in stages:
+        pairs.update(pairs_stage(cfg, it_dir / "pairs", scored, log))
+
+    models: dict[str, dict[str, str]] = {"base": {"hf": policy_hf}}
+    current: dict[str, str] = {"hf": policy_hf}
+    for name, (_, dataset) in TRAIN_STAGES.items():
+        if name not in stages:
+            continue
+        if name == "step_dpo":
+            for mode in cfg.train.margin_ablation:
+                label = f"step_dpo_{mode}"
+                models[label] = train_stage(cfg, name, it_dir / label, current, pairs[dataset], log,
+                                            margin_mode=mode, label=label)
+        current = train_stage(cfg, name, it_dir / name, current, pairs[dataset], log)
+        models[name] = current
+
+    evals: dict[str, dict] = {}
+    if "eval" in stages:
+        for model in cfg.eval.models:
+            if model in models:
+                evals[model] = eval_stage(cfg, it_dir / "eval" / model, model, models[model]["hf"], log)
+    return {
+        "policy": policy_hf,
+        "models": {m: out.get("hf") for m, out in models.items()},
+        "train": {m: _last_metrics(out) for m, out in models.items() if m != "base"},
+        "eval": evals,
+        "final": current,
+    }
+
+
+def next_policy(cfg: RunConfig, result: dict) -> str:
+    """The policy the next iteration samples with (``last`` trained stage, or ``best`` evaluated model)."""
+    if cfg.next_policy == "last" or not result["eval"]:
+        return result["final"]["hf"]
+    bench = next(iter(cfg.eval.benchmarks))
+    mode = cfg.eval.modes[0]
+    # Ties go to the later (more trained) model; the ablation runs are not candidates.
+    chain = [m for m in ["base", *TRAIN_STAGES] if m in result["eval"]]
+    best = max(reversed(chain), key=lambda m: results(result["eval"][m])[bench][mode]["accuracy"])
+    return result["models"][best]
+
+
+def _log_tensorboard(cfg: RunConfig, it: int, evals: dict[str, dict]) -> None:
+    if not cfg.tensorboard or not evals:
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(Path(cfg.run_dir) / "tensorboard"))
+    for model, summary in evals.items():
+        for bench, modes in results(summary).items():
+            for mode, r in modes.items():
+                writer.add_scalar(f"eval/{bench}/{mode}/{model}", r["accuracy"], it)
+    writer.close()
+
+
+def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, title: str = "sppd-megatron run",
+                 notes: list[str] | None = None) -> dict:
+    """Run every iteration of ``cfg`` (skipping finished stages); writes and returns the report."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_CONFIG_FILE).write_text(json.dumps(config_to_dict(cfg), indent=2, sort_keys=True) + "\n")
+    policy = prepare_policy(cfg, log)
+    report: dict = {"run_dir": str(run_dir), "config": config_to_dict(cfg), "iterations": {}}
+    for it in range(1, cfg.iterations + 1):
+        result = run_iteration(cfg, it, policy, log)
+        report["iterations"][str(it)] = {k: v for k, v in result.items() if k != "final"}
+        _log_tensorboard(cfg, it, result["eval"])
+        if result["eval"]:
+            print_table(result["eval"], f"{title}: iteration {it}, accuracy % (correct/n)")
+        policy = next_policy(cfg, result)
+    report["final_policy"] = policy
+    json_path, md_path = write_report(run_dir, report, title, notes)
+    log(f"report: {md_path} and {json_path.name}")
+    return report

@@ -1,0 +1,276 @@
+"""The run's stages: each is (config, inputs) -> outputs in its own directory, through :func:`run_stage`.
+
+Sampling, scoring and pair building run in this process through the verbs' own functions
+(``run_sampling``, ``run_scoring``, ``run_pairs``), which resume inside their directories.
+Training and checkpoint export run as child processes (``python -m sppd_megatron train|convert``)
+so torch.distributed and Megatron state never live in the pipeline process; a child dies with
+the pipeline (PR_SET_PDEATHSIG), so a killed run leaves no orphan trainer writing checkpoints.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from sppd_megatron.config import config_to_dict
+from sppd_megatron.pipeline.config import TRAIN_STAGES, RunConfig
+from sppd_megatron.pipeline.manifest import run_stage
+
+Log = Callable[[str], None]
+
+
+class StageFailed(RuntimeError):
+    """A child process of a stage exited with an error; the message points at its log."""
+
+
+# --- child processes ------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the kernel sends SIGKILL to this child when the pipeline process dies (Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except OSError:  # not Linux: a killed run may leave the child to finish on its own
+        pass
+
+
+def child_env(threads: int) -> dict[str, str]:
+    from sppd_megatron.testing.distributed import free_port
+
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+
+
+def run_child(args: list[str], log_path: Path, threads: int, launcher: list[str] | None = None,
+              poll: Callable[[], None] | None = None) -> None:
+    """``python -m sppd_megatron ARGS`` (or ``launcher + ARGS``), output appended to ``log_path``."""
+    cmd = list(launcher) if launcher else [sys.executable, "-m", "sppd_megatron"]
+    cmd += args
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(threads),
+                                preexec_fn=_die_with_parent)
+        while proc.poll() is None:
+            if poll is not None:
+                poll()
+            time.sleep(0.5)
+    if poll is not None:
+        poll()
+    if proc.returncode != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+        raise StageFailed(f"{' '.join(args[:2])} exited with status {proc.returncode}; log: {log_path}\n{tail}")
+
+
+def export_hf(checkpoint: Path, out: Path, log_path: Path, threads: int) -> Path:
+    """The conversion bridge: a trainer checkpoint -> the HF directory the rollout engine loads."""
+    run_child(["convert", "mcore-to-hf", "--ckpt", str(checkpoint), "--out", str(out), "--overwrite"],
+              log_path, threads)
+    return out
+
+
+# --- policy ---------------------------------------------------------------------------------------
+
+
+def prepare_policy(cfg: RunConfig, log: Log) -> str:
+    """The starting policy as a HF directory (``tiny`` specs are written once into ``run_dir/policy``)."""
+    if not cfg.policy.startswith("tiny"):
+        if not (Path(cfg.policy) / "config.json").is_file():
+            raise FileNotFoundError(f"policy {cfg.policy!r}: not 'tiny[:family[:seed]]' and no config.json there")
+        return cfg.policy
+    parts = cfg.policy.split(":")
+    family = parts[1] if len(parts) > 1 and parts[1] else "llama"
+    seed = int(parts[2]) if len(parts) > 2 else cfg.seed
+    stage_dir = Path(cfg.run_dir) / "policy"
+
+    def body() -> dict:
+        from sppd_megatron.models.tiny import save_tiny_hf_checkpoint
+
+        return {"hf": save_tiny_hf_checkpoint(stage_dir / "hf", family=family, seed=seed)}
+
+    return run_stage(stage_dir, "policy", {"policy": cfg.policy, "family": family, "seed": seed}, {}, body, log)["hf"]
+
+
+# --- sample, score, pairs -------------------------------------------------------------------------
+
+
+def sample_stage(cfg: RunConfig, stage_dir: Path, policy_hf: str, log: Log) -> str:
+    sample_cfg = cfg.sample_config(policy_hf, stage_dir / "trees")
+
+    def body() -> dict:
+        from sppd_megatron.sampling.cli import run_sampling
+
+        summary = run_sampling(sample_cfg)
+        log(f"[sample] {summary['written']} trees written ({summary['already_done']} already there), "
+            f"{summary['generated_tokens']} tokens in {summary['seconds']:.1f}s")
+        return {"trees": stage_dir / "trees"}
+
+    return run_stage(stage_dir, "sample", config_to_dict(sample_cfg),
+                     {"policy": policy_hf, "prompts": cfg.prompts.path}, body, log)["trees"]
+
+
+def score_stage(cfg: RunConfig, stage_dir: Path, trees: str, policy_hf: str, log: Log) -> str:
+    score_cfg = cfg.score_config(trees, stage_dir / "scored", policy_hf)
+    inputs = {"trees": trees}
+    if "mc" in score_cfg.scorers:
+        inputs["policy"] = policy_hf
+
+    def body() -> dict:
+        from sppd_megatron.scoring.cli import run_scoring
+
+        s = run_scoring(score_cfg)
+        log(f"[score] {s['scored']} trees scored ({s['already_done']} already there); terminal steps "
+            f"correct {s['correct']}/{s['terminal']}")
+        return {"scored": stage_dir / "scored"}
+
+    return run_stage(stage_dir, "score", config_to_dict(score_cfg), inputs, body, log)["scored"]
+
+
+def pairs_stage(cfg: RunConfig, stage_dir: Path, scored: str, log: Log) -> dict[str, str]:
+    from sppd_megatron.pairs.cli import OUTPUTS
+
+    pairs_cfg = cfg.pairs_config(scored, stage_dir)
+
+    def body() -> dict:
+        from sppd_megatron.pairs.cli import run_pairs
+
+        stats = run_pairs(pairs_cfg)
+        log(f"[pairs] SFT-PRM {stats['sft']['examples']}, DPO-PRM {stats['dpo']['pairs']}, "
+            f"step pairs {stats['step']['pairs']} from {stats['trees_used']} trees")
+        names = {k: v for k, v in OUTPUTS.items() if k != "svpo" or pairs_cfg.svpo.enabled}
+        return {**{kind: stage_dir / name for kind, name in names.items()}, "stats": stage_dir / "pairs_stats.json"}
+
+    return run_stage(stage_dir, "pairs", config_to_dict(pairs_cfg), {"scored": scored}, body, log)
+
+
+# --- training -------------------------------------------------------------------------------------
+
+
+def count_records(path: str | Path) -> int:
+    with Path(path).open("rb") as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+def final_checkpoint(output_dir: Path) -> Path:
+    from sppd_megatron.training.checkpoint import iter_dir, latest_step
+
+    root = output_dir / "checkpoints"
+    step = latest_step(root)
+    if step is None:
+        raise StageFailed(f"{root}: training finished without a complete checkpoint (checkpoint.save_final?)")
+    return iter_dir(root, step)
+
+
+def _train_progress(metrics: Path, total: int, desc: str, enabled: bool):
+    """A progress bar that follows the child trainer's metrics.jsonl (one line per optimizer step)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="step", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+
+    def poll() -> None:
+        if not metrics.is_file():
+            return
+        lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+        if min(len(lines), total) == bar.n:
+            return
+        bar.n = min(len(lines), total)
+        try:
+            bar.set_postfix(loss=f"{json.loads(lines[-1])['loss']:.4f}", refresh=False)
+        except (ValueError, KeyError):
+            pass  # a line being written
+        bar.refresh()
+
+    return bar, poll
+
+
+def train_and_export(stage_dir: Path, label: str, train_cfg: dict, init: dict[str, str], log: Log,
+                     threads: int = 1, launcher: list[str] | None = None, progress: bool = True) -> dict[str, str]:
+    """Run ``sppd-megatron train`` on ``train_cfg`` (a TrainConfig dict) in a child, then export to HF.
+
+    Returns ``{"checkpoint", "hf", "metrics"}``. With no training records (e.g. no question had
+    both a correct and an incorrect solution) the stage passes ``init`` through and says so.
+    """
+    train_file = train_cfg["data"]["train_file"]
+
+    def body() -> dict:
+        n = count_records(train_file)
+        if n == 0:
+            log(f"[{label}] WARNING: {train_file} has no records; the stage passes its starting policy through")
+            return dict(init)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        recipe = stage_dir / "train.yaml"
+        recipe.write_text(yaml.safe_dump(train_cfg, sort_keys=False))
+        sched = train_cfg["schedule"]
+        total = sched["train_steps"] or max(1, -(-sched["epochs"] * n // sched["global_batch_size"]))
+        out_dir = Path(train_cfg["output_dir"])
+        bar, poll = _train_progress(out_dir / "metrics.jsonl", total, f"train[{label}]", progress)
+        try:
+            run_child(["train", str(recipe)], stage_dir / "train.log", threads, launcher, poll)
+        finally:
+            bar.close()
+        checkpoint = final_checkpoint(out_dir)
+        hf = export_hf(checkpoint, stage_dir / "hf", stage_dir / "train.log", threads)
+        last = json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        log(f"[{label}] {last['step']} steps, final loss {last['loss']:.4f}; exported to {hf}")
+        return {"checkpoint": checkpoint, "hf": hf, "metrics": out_dir / "metrics.jsonl"}
+
+    inputs = {"data": train_file, **{f"init_{k}": v for k, v in init.items() if k in ("checkpoint", "hf")}}
+    return run_stage(stage_dir, label, train_cfg, inputs, body, log)
+
+
+def train_stage(cfg: RunConfig, stage: str, stage_dir: Path, init: dict[str, str], train_file: str, log: Log,
+                margin_mode: str | None = None, label: str | None = None) -> dict[str, str]:
+    """A run's training stage (``sft_prm``, ``dpo_prm``, ``step_dpo``) from ``init`` (``{"checkpoint": dir}``
+    of the previous stage, or ``{"hf": dir}`` of the starting policy)."""
+    source, path = ("mcore", init["checkpoint"]) if "checkpoint" in init else ("hf", init["hf"])
+    # Absolute: the trainer records the tokenizer location in its checkpoints, and the converter
+    # reads it relative to the checkpoint directory.
+    path = str(Path(path).resolve())
+    train_cfg = cfg.train_config(stage, stage_dir / "train", source, path, train_file, margin_mode)
+    return train_and_export(stage_dir, label or stage, train_cfg, init, log, cfg.train.threads,
+                            cfg.train.launcher or None, cfg.progress)
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+
+
+def eval_stage(cfg: RunConfig, stage_dir: Path, model_name: str, hf_dir: str, log: Log) -> dict:
+    """Evaluate one HF model on every benchmark with every mode (issue 6's harness); returns its summary."""
+    settings = {k: v for k, v in config_to_dict(cfg.eval).items() if k != "models"}  # the list is not this model's
+    config = {"model": model_name, "eval": settings, "template": config_to_dict(cfg.template)}
+    inputs = {"model": hf_dir, **{f"bench_{name}": b.path for name, b in cfg.eval.benchmarks.items()}}
+
+    def body() -> dict:
+        try:
+            from sppd_megatron.evaluation.harness import evaluate
+        except ImportError as exc:
+            raise StageFailed(f"the eval stage needs sppd_megatron.evaluation.harness (issue 6): {exc}") from None
+        from sppd_megatron.sampling.engines import build_engine
+        from sppd_megatron.sampling.prompts import load_prompts, resolve_template
+        from sppd_megatron.tokenization import load_tokenizer
+
+        e = cfg.eval
+        benchmarks = {name: load_prompts(b.path, b.fields, b.limit) for name, b in e.benchmarks.items()}
+        tokenizer = load_tokenizer(hf_dir)
+        evaluate(lambda: build_engine(e.engine, hf_dir, tokenizer, tokenizer_path=hf_dir, seed=e.seed),
+                 tokenizer, benchmarks, list(e.modes), stage_dir, template=resolve_template(cfg.template, tokenizer),
+                 max_new_tokens=e.max_new_tokens, temperature=e.temperature, seed=e.seed, progress=cfg.progress,
+                 questions_per_batch=e.questions_per_batch, model_id=str(hf_dir))
+        return {"summary": stage_dir / "summary.json", "predictions": stage_dir / "predictions.jsonl"}
+
+    out = run_stage(stage_dir, f"eval[{model_name}]", config, inputs, body, log)
+    return json.loads(Path(out["summary"]).read_text())
+
+
+__all__ = ["TRAIN_STAGES", "StageFailed", "eval_stage", "pairs_stage", "prepare_policy", "sample_stage",
+           "score_stage", "train_stage"]
