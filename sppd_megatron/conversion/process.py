@@ -19,18 +19,12 @@ def single_process_megatron(seed: int = 0) -> Iterator[None]:
     """Initialise torch.distributed (gloo) and parallel_state for one process unless already done."""
     from megatron.core import parallel_state
 
-    from sppd_megatron.parallel.state import ParallelConfig, destroy, initialize
-    from sppd_megatron.testing.distributed import free_port
+    from sppd_megatron.parallel.state import ParallelConfig, destroy, initialize, world_size_from_env
 
     started = not torch.distributed.is_initialized()
     if started:
-        import os
-
-        if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        if world_size_from_env() != 1:
             raise ConversionError("the converter runs in one process; launch it without torchrun")
-        if "TORCHELASTIC_RUN_ID" not in os.environ:
-            # Not under torchrun: a rendezvous port inherited from a parent process may be taken.
-            os.environ["MASTER_PORT"] = str(free_port())
         initialize(ParallelConfig(), seed)
     elif (
         parallel_state.get_tensor_model_parallel_world_size() != 1

@@ -21,8 +21,6 @@ class ParallelConfig:
     """Shard optimizer state over data-parallel ranks (Megatron distributed optimizer; Adam/AdamW)."""
     backend: str = "auto"
     """torch.distributed backend: auto (nccl with CUDA, gloo otherwise), nccl or gloo."""
-    master_port: int = 29512
-    """Rendezvous port for a single-process run (torchrun sets its own)."""
 
     def __post_init__(self) -> None:
         if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
@@ -55,15 +53,17 @@ def initialize(cfg: ParallelConfig, seed: int) -> None:
             f"{world} process(es); launch with torchrun --nproc-per-node N"
         )
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(cfg.master_port))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(
-            backend=backend, timeout=datetime.timedelta(minutes=30)
-        )
+        timeout = datetime.timedelta(minutes=30)
+        if world > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
+            torch.distributed.init_process_group(backend=backend, timeout=timeout)  # torchrun's env://
+        else:
+            # One process needs no rendezvous: an in-memory store, so no port can be taken (or
+            # inherited from a parent's environment) and nothing in os.environ changes.
+            torch.distributed.init_process_group(
+                backend=backend, store=torch.distributed.HashStore(), rank=0, world_size=1, timeout=timeout
+            )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=cfg.tensor_model_parallel_size,

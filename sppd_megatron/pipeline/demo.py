@@ -48,7 +48,7 @@ class DemoSize:
 
 
 PRESETS = {
-    "default": DemoSize(pretrain_problems=4000, pretrain_steps=400, prompts=256, heldout=200, ood=200, K=16, maj_n=5),
+    "default": DemoSize(pretrain_problems=4000, pretrain_steps=600, prompts=1024, heldout=200, ood=200, K=16, maj_n=5),
     "quick": DemoSize(pretrain_problems=500, pretrain_steps=60, prompts=24, heldout=24, ood=24, K=6, maj_n=3),
 }
 SEED = 0
