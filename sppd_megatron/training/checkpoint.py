@@ -79,6 +79,10 @@ def save(root: Path, step: int, model, optimizer, model_cfg: ModelConfig, tokeni
     return target
 
 
+def read_trainer_state(root: Path, step: int) -> dict:
+    return json.loads((iter_dir(root, step) / STATE_FILE).read_text())
+
+
 def load(root: Path, step: int, model, optimizer, model_cfg: ModelConfig) -> dict:
     """Load model and optimizer state in place (any TP/PP layout); returns trainer_state.json's content."""
     from megatron.core import dist_checkpointing
@@ -91,7 +95,7 @@ def load(root: Path, step: int, model, optimizer, model_cfg: ModelConfig) -> dic
     loaded = dist_checkpointing.load(sharded, str(target / OPTIMIZER_SUBDIR))
     with torch.no_grad():  # fp32 main params of the distributed optimizer are views of leaf parameters
         optimizer.load_state_dict(loaded)
-    trainer_state = json.loads((target / STATE_FILE).read_text())
+    trainer_state = read_trainer_state(root, step)
     _restore_step_counts(optimizer, trainer_state["step"])
     return trainer_state
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from sppd_megatron.config import config_to_dict
+from sppd_megatron.config import ConfigError, config_to_dict
 from sppd_megatron.models.config import ModelConfig, model_config_from_hf
 from sppd_megatron.parallel import state as pstate
 from sppd_megatron.tokenization import CHAR_TOKENIZER_SPEC, load_tokenizer
@@ -338,7 +338,7 @@ def config_fingerprint(cfg: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def train(cfg: TrainConfig, stop_after_steps: int | None = None) -> dict:
+def train(cfg: TrainConfig) -> dict:
     """Run (or resume) a training stage; returns the last step's metrics (on rank 0)."""
     from megatron.core.distributed import finalize_model_grads
 
@@ -387,12 +387,12 @@ def train(cfg: TrainConfig, stop_after_steps: int | None = None) -> dict:
     start_step = 0
     resume = ckpt.latest_step(ckpt_root) if cfg.checkpoint.resume else None
     if resume is not None:
-        state = ckpt.load(ckpt_root, resume, unwrap(ddp_model), optimizer, model_cfg)
-        if state.get("config_fingerprint") != fingerprint:
-            raise ValueError(
+        if ckpt.read_trainer_state(ckpt_root, resume).get("config_fingerprint") != fingerprint:
+            raise ConfigError(
                 f"{ckpt_root}: checkpoint iter {resume} was written by a different config; use a new output_dir "
                 "or checkpoint.resume=false"
             )
+        state = ckpt.load(ckpt_root, resume, unwrap(ddp_model), optimizer, model_cfg)
         scheduler.load_state_dict(state["scheduler"])
         start_step = resume
     writer = MetricsWriter(out_dir, cfg.logging.tensorboard, start_step)
@@ -433,8 +433,6 @@ def train(cfg: TrainConfig, stop_after_steps: int | None = None) -> dict:
             ckpt.save(ckpt_root, step, unwrap(ddp_model), optimizer, model_cfg, str(tokenizer_spec),
                       {"scheduler": scheduler.state_dict(), "config_fingerprint": fingerprint},
                       keep_last=cfg.checkpoint.keep_last)
-        if stop_after_steps is not None and step - start_step >= stop_after_steps:
-            break
         if os.environ.get("SPPD_KILL_AFTER_STEP") == str(step):
             # Test hook: die like a node failure (SIGKILL: no cleanup, no flush beyond what was fsynced).
             os.kill(os.getpid(), signal.SIGKILL)
