@@ -126,9 +126,8 @@ def bench_save_writers() -> dict:
     from sppd_megatron.models.builder import PrecisionConfig, build_gpt_model
     from sppd_megatron.models.config import ModelConfig
     from sppd_megatron.parallel.state import ParallelConfig, destroy, initialize
-    from sppd_megatron.testing.distributed import free_port
 
-    initialize(ParallelConfig(master_port=free_port()), seed=0)
+    initialize(ParallelConfig(), seed=0)
     model = build_gpt_model(ModelConfig(), PrecisionConfig())
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
