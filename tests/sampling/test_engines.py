@@ -122,10 +122,14 @@ def test_vllm_translation():
     assert engine.generate([req])[0].token_ids == [5, 2]
 
 
-@pytest.mark.parametrize("name,package", [("sglang", "sglang"), ("vllm", "vllm")])
+def _absent(package: str):
+    return pytest.mark.skipif(importlib.util.find_spec(package) is not None,
+                              reason=f"{package} is installed here; this checks the error when it is missing")
+
+
+@pytest.mark.parametrize("name,package", [pytest.param("sglang", "sglang", marks=_absent("sglang")),
+                                          pytest.param("vllm", "vllm", marks=_absent("vllm"))])
 def test_gpu_engines_fail_clearly_without_their_package(tokenizer, name, package):
-    if importlib.util.find_spec(package) is not None:
-        pytest.skip(f"{package} is installed here; this checks the error when it is missing")
     with pytest.raises(RuntimeError, match=f"engine '{name}' needs"):
         build_engine(EngineConfig(name=name), "/some/hf/dir", tokenizer)
     with pytest.raises(ValueError, match="needs a model directory"):
