@@ -33,6 +33,12 @@ DPO_VARIANTS = ("sigmoid", "ipo", "conservative")
 MARGIN_MODES = ("dynamic", "fixed", "none")
 
 
+def _log_ratios(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(log pi/ref of chosen, of rejected, their difference h)."""
+    chosen, rejected = pc - rc, pr - rr
+    return chosen, rejected, chosen - rejected
+
+
 def _preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Metrics:
     margin = chosen_rewards - rejected_rewards
     return {
@@ -73,9 +79,9 @@ def dpo_loss(
     """
     if variant not in DPO_VARIANTS:
         raise ValueError(f"unknown DPO variant {variant!r}; choose one of {DPO_VARIANTS}")
-    chosen_logratios = policy_chosen_logps - ref_chosen_logps
-    rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    h = chosen_logratios - rejected_logratios
+    chosen_logratios, rejected_logratios, h = _log_ratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
     if variant == "ipo":
         losses = (h - 1.0 / (2.0 * beta)) ** 2
     else:
@@ -109,9 +115,9 @@ def step_dpo_loss(
     """
     if margin_mode not in MARGIN_MODES:
         raise ValueError(f"unknown margin mode {margin_mode!r}; choose one of {MARGIN_MODES}")
-    chosen_logratios = policy_chosen_logps - ref_chosen_logps
-    rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    h = chosen_logratios - rejected_logratios
+    chosen_logratios, rejected_logratios, h = _log_ratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
     if margin_mode == "dynamic":
         if chosen_values is None or rejected_values is None:
             raise ValueError("margin_mode 'dynamic' needs chosen_values and rejected_values")
@@ -170,9 +176,9 @@ def svpo_loss(
     The equation images are missing from our copy of the paper; the forms above follow its text and
     are what this function computes.
     """
-    chosen_logratios = policy_chosen_logps - ref_chosen_logps
-    rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    h = chosen_logratios - rejected_logratios
+    chosen_logratios, rejected_logratios, h = _log_ratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
     dpo = -F.logsigmoid(beta * h)
     rank = torch.relu(rank_margin - (chosen_value_pred - rejected_value_pred))
     reg = 0.5 * (
