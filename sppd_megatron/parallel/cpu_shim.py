@@ -93,7 +93,3 @@ def enable_cpu_shim() -> None:
     mp_random._set_cuda_rng_state = lambda state, *a, **k: stand_in.set_state(state)
     _ACTIVE_MODE = _CudaToCpuMode()
     _ACTIVE_MODE.__enter__()
-
-
-def cpu_shim_active() -> bool:
-    return _ACTIVE_MODE is not None
