@@ -15,6 +15,7 @@ the implicit rewards are ``beta * (log pi - log ref)``.
 | dpo/sigmoid| -(1-eps) log s(beta h) - eps log s(-beta h)  (eps = label_smoothing)     | DPO (Rafailov 2023) eq. 7; cDPO |
 | dpo/ipo    | (h - 1/(2 beta))^2                                                        | IPO (Azar 2023) eq. 17 |
 | step_dpo   | -log s(beta h - m),  m = gamma (V(s_w) - V(s_l)) | gamma | 0               | SPPD eq. 5 / eq. 4 (gamma=1) |
+| + rpo      | any dpo/step_dpo loss + alpha * NLL(chosen tokens) / #tokens  (``rpo_alpha``)  | RPO (Pang 2024) eq. 1; TRL loss_type sft |
 | svpo       | dpo + w_rank * relu(delta - (v_w - v_l)) + w_reg * (beta log-ratio - sg(v))^2 + w_sft * sft + w_v * (v - target)^2 | SVPO eq. 7-10 |
 """
 
@@ -130,6 +131,22 @@ def step_dpo_loss(
     metrics = _preference_metrics(beta * chosen_logratios, beta * rejected_logratios)
     metrics["value_margin"] = margin.detach()
     return losses, metrics
+
+
+def add_chosen_nll(losses: Tensor, metrics: Metrics, chosen_nll: Tensor, rpo_alpha: float) -> tuple[Tensor, Metrics]:
+    """RPO: a preference loss plus ``rpo_alpha`` times the chosen continuation's per-token NLL.
+
+    Iterative RPO (Pang et al. 2024, eq. 1) adds this term to DPO for math reasoning because plain
+    DPO lowers the chosen log-probs together with the rejected ones and accuracy falls; TRL 1.16
+    spells it ``loss_type=["sigmoid", "sft"], loss_weights=[1, alpha]``. ``chosen_nll`` is the
+    per-token mean NLL of each chosen continuation (for step pairs: the chosen step's tokens only,
+    never the shared prefix). TRL averages over all chosen tokens of the batch instead; the two
+    agree when the chosen continuations of a batch have equal lengths.
+    """
+    metrics = {**metrics, "chosen_nll": chosen_nll.detach()}
+    if rpo_alpha == 0:
+        return losses, metrics
+    return losses + rpo_alpha * chosen_nll, metrics
 
 
 @dataclass

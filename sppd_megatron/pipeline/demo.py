@@ -45,11 +45,16 @@ class DemoSize:
     """Tree-sampling iterations per question (C=2 children each)."""
     maj_n: int
     """N of the MAJ@N column."""
+    misconception_rate: float = 0.0
+    """Share of the pretraining corpus's "triples" steps written as doublings (see :mod:`.problems`):
+    the base model's systematic step error, which SPPD has to find from gold answers alone."""
 
 
 PRESETS = {
-    "default": DemoSize(pretrain_problems=4000, pretrain_steps=600, prompts=1024, heldout=200, ood=200, K=16, maj_n=5),
-    "quick": DemoSize(pretrain_problems=500, pretrain_steps=60, prompts=24, heldout=24, ood=24, K=6, maj_n=3),
+    "default": DemoSize(pretrain_problems=4000, pretrain_steps=600, prompts=1024, heldout=200, ood=200, K=16, maj_n=5,
+                        misconception_rate=0.65),
+    "quick": DemoSize(pretrain_problems=500, pretrain_steps=60, prompts=24, heldout=24, ood=24, K=6, maj_n=3,
+                      misconception_rate=0.65),
 }
 SEED = 0
 
@@ -71,11 +76,13 @@ def data_stage(out: Path, size: DemoSize, template, log) -> dict[str, str]:
     from sppd_megatron.tokenization import build_char_tokenizer
 
     stage_dir = out / "data"
-    sizes = {k: v for k, v in asdict(size).items() if k in ("pretrain_problems", "prompts", "heldout", "ood")}
+    sizes = {k: v for k, v in asdict(size).items() if k in ("pretrain_problems", "prompts", "heldout", "ood",
+                                                           "misconception_rate")}
 
     def body() -> dict:
         tokenizer = build_char_tokenizer()
-        pretrain = make_split(SEED, "pretrain", size.pretrain_problems, 2, 3)
+        pretrain = make_split(SEED, "pretrain", size.pretrain_problems, 2, 3,
+                              misconception_rate=size.misconception_rate)
         taken = {p.question for p in pretrain}
         prompts = make_split(SEED, "prompt", size.prompts, 2, 3, exclude=taken)
         taken |= {p.question for p in prompts}

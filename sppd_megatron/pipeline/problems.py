@@ -9,6 +9,13 @@ numbered step per operation and a final answer step::
 
     Step 1: 7 + 5 = 12.\\n\\nStep 2: 12 - 3 = 9.\\n\\nThe answer is \\boxed{9}.
 
+The pretraining corpus can carry a *misconception*: in a share of its "triples" steps the writer
+doubled instead (``7 * 2 = 14``) and carried the wrong amount on to a wrong final answer, as a noisy
+web corpus carries common mistakes. A model trained on it triples by doubling most of the time, yet
+still triples now and then when sampling. Nothing downstream is told about it: SPPD sees only the
+questions and gold answers of its prompts, and finds the right step through the trees' outcomes and
+process values. Held-out, OOD and prompt problems are always correct.
+
 Written here rather than taken from reasoning-gym: its generators produce long English problems
 that a character model cannot learn in the demo's CPU budget, and a few lines give exact control
 of the step count (in-distribution 2-3 steps, harder out-of-distribution 4-5) and of the number
@@ -49,44 +56,78 @@ class Problem:
         return Prompt(id=self.id, question=self.question, gold_answer=str(self.answer), source=source)
 
 
-def _operation(rng: random.Random, value: int, pronoun: str) -> tuple[str, str, int]:
-    """A random operation applicable to ``value``: (sentence, step equation, new value)."""
+def _operation(rng: random.Random, value: int, pronoun: str) -> tuple[str, str, int, int]:
+    """A random operation applicable to ``value``: (sentence, operator, operand, new value)."""
     choices = []
     if value < MAX_VALUE - 1:
         n = rng.randint(1, min(MAX_OPERAND, MAX_VALUE - value))
         verb = rng.choice(["gets", "finds", "buys"])
-        choices.append((f"{pronoun} {verb} {n} more.", f"{value} + {n} = {value + n}", value + n))
+        choices.append((f"{pronoun} {verb} {n} more.", "+", n, value + n))
     if value > 1:
         n = rng.randint(1, min(MAX_OPERAND, value - 1))
         verb = rng.choice(["gives away", "loses", "sells"])
-        choices.append((f"{pronoun} {verb} {n}.", f"{value} - {n} = {value - n}", value - n))
+        choices.append((f"{pronoun} {verb} {n}.", "-", n, value - n))
     for factor, word in ((2, "doubles"), (3, "triples")):
         if value * factor <= MAX_VALUE:
-            choices.append((f"{pronoun} {word} them.", f"{value} * {factor} = {value * factor}", value * factor))
+            choices.append((f"{pronoun} {word} them.", "*", factor, value * factor))
     if value % 2 == 0 and value >= 4:
-        choices.append((f"{pronoun} gives away half.", f"{value} / 2 = {value // 2}", value // 2))
+        choices.append((f"{pronoun} gives away half.", "/", 2, value // 2))
     return rng.choice(choices)
 
 
-def make_problem(seed: int, index: int, num_steps: int, split: str) -> Problem:
-    """Problem ``index`` of a split: a pure function of (seed, split, index, num_steps)."""
+def _apply(value: int, operator: str, operand: int) -> int | None:
+    """``value operator operand`` when it is a positive whole amount, else None."""
+    if operator == "/":
+        return value // operand if value % operand == 0 else None
+    out = {"+": value + operand, "-": value - operand, "*": value * operand}[operator]
+    return out if out > 0 else None
+
+
+def _written_steps(start: int, operations: list[tuple[str, int]]) -> list[str]:
+    """Numbered solution steps and the answer step for ``operations`` applied from ``start``."""
+    steps, value = [], start
+    for k, (operator, operand) in enumerate(operations, 1):
+        new = _apply(value, operator, operand)
+        steps.append(f"Step {k}: {value} {operator} {operand} = {new}.\n\n")
+        value = new
+    return steps + [f"The answer is \\boxed{{{value}}}."]
+
+
+def make_problem(seed: int, index: int, num_steps: int, split: str, misconception_rate: float = 0.0) -> Problem:
+    """Problem ``index`` of a split: a pure function of (seed, split, index, num_steps, misconception_rate).
+
+    With ``misconception_rate`` > 0, each "triples" step of the written solution is a doubling with
+    that probability, and the later steps and the written answer follow from the wrong amount
+    (unless that amount cannot go on, e.g. an odd number to halve: then the solution stays right).
+    ``answer`` is always the true answer.
+    """
     rng = random.Random(f"{seed}:{split}:{index}:{num_steps}")
+    # Its own stream, so the problem text is the same at every rate.
+    slips = random.Random(f"{seed}:{split}:{index}:{num_steps}:misconception")
     name, pronoun = rng.choice(NAMES)
     item = rng.choice(ITEMS)
-    value = rng.randint(2, 20)
+    start = value = rng.randint(2, 20)
     sentences = [f"{name} has {value} {item}."]
-    steps = []
-    for k in range(1, num_steps + 1):
-        sentence, equation, value = _operation(rng, value, pronoun)
+    true_ops, written_ops = [], []
+    for _ in range(num_steps):
+        sentence, operator, operand, value = _operation(rng, value, pronoun)
         sentences.append(sentence)
-        steps.append(f"Step {k}: {equation}.\n\n")
+        true_ops.append((operator, operand))
+        slipped = sentence.endswith("triples them.") and slips.random() < misconception_rate
+        written_ops.append((operator, 2 if slipped else operand))
     sentences.append(f"How many {item} does {name} have now?")
-    steps.append(f"The answer is \\boxed{{{value}}}.")
-    return Problem(id=f"{split}-{index:05d}", question=" ".join(sentences), steps=steps, answer=value)
+    written = true_ops
+    if written_ops != true_ops:
+        amount = start
+        for operator, operand in written_ops:
+            amount = amount and _apply(amount, operator, operand)
+        written = written_ops if amount else true_ops
+    return Problem(id=f"{split}-{index:05d}", question=" ".join(sentences), steps=_written_steps(start, written),
+                   answer=value)
 
 
 def make_split(seed: int, split: str, count: int, min_steps: int, max_steps: int,
-               exclude: set[str] | None = None) -> list[Problem]:
+               exclude: set[str] | None = None, misconception_rate: float = 0.0) -> list[Problem]:
     """``count`` problems with ``min_steps..max_steps`` operations, none whose question is in ``exclude``.
 
     Splits are disjoint by question text (pass the questions of earlier splits), so held-out
@@ -99,7 +140,7 @@ def make_split(seed: int, split: str, count: int, min_steps: int, max_steps: int
     index = 0
     while len(out) < count:
         steps = min_steps + index % (max_steps - min_steps + 1)
-        problem = make_problem(seed, index, steps, split)
+        problem = make_problem(seed, index, steps, split, misconception_rate)
         index += 1
         if problem.question in seen:
             continue

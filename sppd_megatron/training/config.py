@@ -60,6 +60,9 @@ class LossConfig:
     dpo_variant: Literal["sigmoid", "ipo", "conservative"] = "sigmoid"
     label_smoothing: float = 0.0
     """Flip probability for dpo_variant=conservative."""
+    rpo_alpha: float = 0.0
+    """dpo and step_dpo: weight of the NLL on the chosen continuation (RPO, Pang et al. 2024; TRL's
+    ``loss_type=["sigmoid", "sft"]``). 0 is the paper's loss. svpo has its own ``svpo_weights.sft``."""
     svpo_rank_margin: float = 0.5
     svpo_weights: SVPOWeights = field(default_factory=SVPOWeights)
     reference: Literal["precomputed", "co_resident"] = "precomputed"
@@ -69,6 +72,8 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.beta <= 0:
             raise ValueError("loss.beta must be > 0")
+        if self.rpo_alpha < 0:
+            raise ValueError("loss.rpo_alpha must be >= 0")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError("loss.label_smoothing must be in [0, 0.5)")
 

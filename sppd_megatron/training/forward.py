@@ -52,14 +52,16 @@ def compute_losses(stage: str, cfg: LossConfig, model, output: torch.Tensor, bat
         raise RuntimeError("reference log-probs missing for a batch; precompute them or use loss.reference=co_resident")
     vals = batch["values"].to(seq_lp.dtype)
     vc, vr = vals[0::2], vals[1::2]
+    mask = batch["loss_mask"][0::2]
+    chosen_nll = -(token_lp[0::2] * mask).sum(-1) / mask.sum(-1).clamp(min=1)
     if stage == "dpo":
-        return losses.dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.dpo_variant, cfg.label_smoothing)
+        return losses.add_chosen_nll(*losses.dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.dpo_variant, cfg.label_smoothing),
+                                     chosen_nll, cfg.rpo_alpha)
     if stage == "step_dpo":
-        return losses.step_dpo_loss(pc, pr, rc, rr, vc, vr, cfg.beta, cfg.gamma, cfg.margin_mode)
+        return losses.add_chosen_nll(*losses.step_dpo_loss(pc, pr, rc, rr, vc, vr, cfg.beta, cfg.gamma, cfg.margin_mode),
+                                     chosen_nll, cfg.rpo_alpha)
     if stage == "svpo":
         v = _value_predictions(model, batch)
-        mask = batch["loss_mask"][0::2]
-        chosen_nll = -(token_lp[0::2] * mask).sum(-1) / mask.sum(-1).clamp(min=1)
         return losses.svpo_loss(
             pc, pr, rc, rr, v[0::2], v[1::2], chosen_nll, cfg.beta, cfg.svpo_rank_margin, cfg.svpo_weights,
             chosen_value_target=vc, rejected_value_target=vr,

@@ -124,3 +124,14 @@ def test_svpo_terms_and_gradients():
     # Numerical gradients w.r.t. the policy log-probs (stop-gradient makes the value path non-analytic).
     fn = lambda a, b: losses.svpo_loss(a, b, rc.detach(), rr.detach(), vwc.detach(), vwr.detach(), nll.detach(), beta, delta, w, tc, tr)[0]  # noqa: E731
     assert torch.autograd.gradcheck(fn, (pc, pr))
+
+
+def test_rpo_adds_weighted_chosen_nll_and_zero_alpha_is_the_paper_loss():
+    pc, pr, rc, rr, vc, vr = _inputs()
+    nll = torch.rand(len(pc), dtype=torch.float64) * 3
+    base, metrics = losses.step_dpo_loss(pc, pr, rc, rr, vc, vr, 0.1, 1.0)
+    with_nll, m2 = losses.add_chosen_nll(base, metrics, nll, 0.5)
+    assert torch.allclose(with_nll, base + 0.5 * nll)
+    assert torch.equal(m2["chosen_nll"], nll)
+    same, _ = losses.add_chosen_nll(base, metrics, nll, 0.0)
+    assert same is base

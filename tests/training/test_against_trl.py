@@ -1,4 +1,4 @@
-"""Sentence DPO through our data path and Megatron model equals TRL's DPOTrainer loss on the same models."""
+"""Sentence DPO (and DPO + chosen NLL, RPO) through our data path and Megatron model equals TRL's DPOTrainer loss."""
 
 import json
 import subprocess

@@ -17,22 +17,32 @@ ROWS = [
     {"prompt": "Q: 9-4?\nStep 1:", "chosen": " 9-4=5. The answer is 5", "rejected": " 4"},
     {"prompt": "Q: 3*3?\n", "chosen": "9", "rejected": "It is 33"},
 ]
+# RPO: TRL averages the chosen NLL over the batch's tokens, we average per pair; equal chosen
+# lengths make the two the same number.
+RPO_ROWS = [
+    {"prompt": "Q: 2+3?\nA:", "chosen": " 5.", "rejected": " 6!"},
+    {"prompt": "Q: 1+1?\nA:", "chosen": " 2.", "rejected": " 11"},
+    {"prompt": "Q: 9-4?\nStep 1:", "chosen": " 5.", "rejected": " 9-4=4. The answer is 4"},
+    {"prompt": "Q: 3*3?\n", "chosen": "9.\n", "rejected": "It is 33"},
+]
+RPO_ALPHA = 0.7
 
 
-def trl_loss(policy, ref, tok, beta, loss_type, label_smoothing):
+def trl_loss(policy, ref, tok, beta, loss_type, label_smoothing, rows=ROWS, rpo_alpha=0.0):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(output_dir=tempfile.mkdtemp(), beta=beta, loss_type=[loss_type], label_smoothing=label_smoothing,
-                     report_to=[], per_device_train_batch_size=len(ROWS), max_length=128, use_cpu=True,
-                     bf16=False, fp16=False)
-    trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=Dataset.from_list(ROWS),
+    loss_types, weights = ([loss_type, "sft"], [1.0, rpo_alpha]) if rpo_alpha else ([loss_type], None)
+    args = DPOConfig(output_dir=tempfile.mkdtemp(), beta=beta, loss_type=loss_types, loss_weights=weights,
+                     label_smoothing=label_smoothing, report_to=[], per_device_train_batch_size=len(rows),
+                     max_length=128, use_cpu=True, bf16=False, fp16=False)
+    trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tok)
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(ROWS))])
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
     return float(trainer.compute_loss(policy, batch))
 
 
-def our_loss(policy, ref, tok, beta, variant, label_smoothing):
+def our_loss(policy, ref, tok, beta, variant, label_smoothing, rows=ROWS, rpo_alpha=0.0):
     import torch
 
     from sppd_megatron.conversion.mapping import load_hf_into_model
@@ -47,7 +57,7 @@ def our_loss(policy, ref, tok, beta, variant, label_smoothing):
     initialize(ParallelConfig(), seed=0)
     cfg = model_config_from_hf(policy.config.to_dict())
     path = tempfile.mktemp(suffix=".jsonl")
-    write_jsonl(path, [PreferencePair(level="sentence", **r) for r in ROWS])
+    write_jsonl(path, [PreferencePair(level="sentence", **r) for r in rows])
     examples = tdata.load_examples(path, "dpo", tok, 128, cfg.vocab_size)
     batch = tdata.collate(examples, 128, tok.pad_token_id)
     models = []
@@ -60,7 +70,7 @@ def our_loss(policy, ref, tok, beta, variant, label_smoothing):
         out_ref = models[1](batch["tokens"], batch["position_ids"], None)
         batch["ref_logps"] = sequence_logps(out_ref, batch, cfg.vocab_size)[1]
         out = models[0](batch["tokens"], batch["position_ids"], None)
-        loss_cfg = LossConfig(beta=beta, dpo_variant=variant, label_smoothing=label_smoothing)
+        loss_cfg = LossConfig(beta=beta, dpo_variant=variant, label_smoothing=label_smoothing, rpo_alpha=rpo_alpha)
         per_pair, _ = compute_losses("dpo", loss_cfg, models[0], out, batch, cfg.vocab_size)
     return float(per_pair.mean())
 
@@ -77,6 +87,8 @@ def main():
         # TRL 1.x's "sigmoid" ignores label_smoothing (cDPO is checked against its formula instead).
         out[family] = {"trl": trl_loss(policy, ref, tok, 0.5, "sigmoid", 0.0),
                        "ours": our_loss(policy, ref, tok, 0.5, "sigmoid", 0.0)}
+        out[f"{family}-rpo"] = {"trl": trl_loss(policy, ref, tok, 0.5, "sigmoid", 0.0, RPO_ROWS, RPO_ALPHA),
+                                "ours": our_loss(policy, ref, tok, 0.5, "sigmoid", 0.0, RPO_ROWS, RPO_ALPHA)}
     print("RESULTS " + json.dumps(out))
 
 
