@@ -57,6 +57,8 @@ PRESETS = {
                       misconception_rate=0.65),
 }
 SEED = 0
+_SPLIT_TITLE = ("Held-out greedy, split by the corpus's misconception (problems with a 'triples' step "
+                "vs the rest)")
 
 
 def _config_file(name: str) -> Path:
@@ -130,6 +132,34 @@ def run_overrides(out: Path, size: DemoSize, files: dict[str, str], policy_hf: s
     ]
 
 
+def misconception_breakdown(run_dir: Path, models: list[str], benchmark: str = "heldout") -> list[str]:
+    """Greedy accuracy per model on the ``benchmark`` problems with and without a "triples" step.
+
+    The pretraining corpus's misconception is about "triples" steps only, so this split shows where
+    each stage's change comes from. Read from the last iteration's eval predictions.
+    """
+    from sppd_megatron.pipeline.report import row_label
+    from sppd_megatron.records import Prediction, read_jsonl
+
+    iters = sorted(run_dir.glob("iter*/eval"), key=lambda p: int(p.parent.name[4:]))
+    if not iters:
+        return []
+    lines = []
+    for model in models:
+        path = iters[-1] / model / "predictions.jsonl"
+        if not path.is_file():
+            continue
+        counts = {True: [0, 0], False: [0, 0]}
+        for pred in read_jsonl(path, Prediction):
+            if pred.benchmark == benchmark and pred.greedy_correct is not None:
+                c = counts["triples" in pred.question]
+                c[0] += int(pred.greedy_correct)
+                c[1] += 1
+        lines.append(f"{row_label(model)}: {counts[True][0]}/{counts[True][1]} with a triples step, "
+                     f"{counts[False][0]}/{counts[False][1]} without")
+    return lines
+
+
 def run_demo(out: Path, size: DemoSize, progress: bool = True, threads: int = 1, log=print) -> dict:
     """The whole demo in ``out``; returns the run report (also written to ``out/report.json``)."""
     import torch
@@ -150,7 +180,12 @@ def run_demo(out: Path, size: DemoSize, progress: bool = True, threads: int = 1,
     seconds = time.time() - start
     report["demo"] = {"size": asdict(size), "wall_seconds": round(seconds, 1), "threads": threads,
                       "pretrain_metrics": base.get("metrics")}
-    notes = [f"Settings: {asdict(size)}; base model trained by `train` (configs/demo/pretrain.yaml).",
+    breakdown = misconception_breakdown(Path(cfg.run_dir), list(cfg.eval.models))
+    if breakdown:
+        log(f"{_SPLIT_TITLE}:\n  " + "\n  ".join(breakdown))
+    report["demo"]["misconception_breakdown"] = breakdown
+    notes = ([f"{_SPLIT_TITLE}: " + "; ".join(breakdown) + ".", ""] if breakdown else []) + [
+             f"Settings: {asdict(size)}; base model trained by `train` (configs/demo/pretrain.yaml).",
              f"Wall time of this invocation: {seconds / 60:.1f} min ({threads} thread(s) per process; "
              "finished stages are skipped on re-runs, so a re-run's time is not the full demo's)."]
     write_report(out, report, title, notes)

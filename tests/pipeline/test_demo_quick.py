@@ -1,5 +1,6 @@
 """`sppd-megatron demo --quick` (the CI-sized embedded default) runs end to end and prints the table."""
 
+import json
 import os
 import subprocess
 import sys
@@ -19,3 +20,6 @@ def test_demo_quick_prints_the_table(tmp_path):
     for row in ("Base", "+SFT-PRM", "+SFT-PRM & DPO-PRM", "+SPPD"):
         assert row in proc.stdout
     assert (out / "report.md").is_file() and (out / "report.json").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["demo"]["misconception_breakdown"]) == len(report["config"]["eval"]["models"])
+    assert "with a triples step" in proc.stdout
