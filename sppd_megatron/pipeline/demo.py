@@ -56,7 +56,8 @@ PRESETS = {
     "quick": DemoSize(pretrain_problems=500, pretrain_steps=60, prompts=24, heldout=24, ood=24, K=6, maj_n=3,
                       misconception_rate=0.65),
 }
-SEED = 0
+DATA_SEED = 0
+"""Default seed of the generated problems (``--data-seed``); training and sampling seeds live in the recipes."""
 _SPLIT_TITLE = ("Held-out greedy, split by the corpus's misconception (problems with a 'triples' step "
                 "vs the rest)")
 
@@ -69,7 +70,7 @@ def _config_file(name: str) -> Path:
     return path
 
 
-def data_stage(out: Path, size: DemoSize, template, log) -> dict[str, str]:
+def data_stage(out: Path, size: DemoSize, template, log, seed: int = DATA_SEED) -> dict[str, str]:
     """Write the demo's problem sets (a stage: skipped when already made with the same sizes)."""
     from sppd_megatron.pipeline.manifest import run_stage
     from sppd_megatron.pipeline.problems import make_split
@@ -83,13 +84,13 @@ def data_stage(out: Path, size: DemoSize, template, log) -> dict[str, str]:
 
     def body() -> dict:
         tokenizer = build_char_tokenizer()
-        pretrain = make_split(SEED, "pretrain", size.pretrain_problems, 2, 3,
+        pretrain = make_split(seed, "pretrain", size.pretrain_problems, 2, 3,
                               misconception_rate=size.misconception_rate)
         taken = {p.question for p in pretrain}
-        prompts = make_split(SEED, "prompt", size.prompts, 2, 3, exclude=taken)
+        prompts = make_split(seed, "prompt", size.prompts, 2, 3, exclude=taken)
         taken |= {p.question for p in prompts}
-        heldout = make_split(SEED, "heldout", size.heldout, 2, 3, exclude=taken)
-        ood = make_split(SEED, "ood", size.ood, 4, 5)
+        heldout = make_split(seed, "heldout", size.heldout, 2, 3, exclude=taken)
+        ood = make_split(seed, "ood", size.ood, 4, 5)
         examples = [SFTExample(prompt=render_prompt(template, tokenizer, p.question)[0], response=p.solution,
                                question_id=p.id) for p in pretrain]
         files = {"pretrain": stage_dir / "pretrain_sft.jsonl", "prompts": stage_dir / "prompts.jsonl",
@@ -101,7 +102,7 @@ def data_stage(out: Path, size: DemoSize, template, log) -> dict[str, str]:
             f"{len(heldout)} held-out, {len(ood)} OOD")
         return files
 
-    config = {"seed": SEED, "sizes": sizes, "template": asdict(template)}
+    config = {"seed": seed, "sizes": sizes, "template": asdict(template)}
     return run_stage(stage_dir, "data", config, {}, body, log)
 
 
@@ -160,7 +161,8 @@ def misconception_breakdown(run_dir: Path, models: list[str], benchmark: str = "
     return lines
 
 
-def run_demo(out: Path, size: DemoSize, progress: bool = True, threads: int = 1, log=print) -> dict:
+def run_demo(out: Path, size: DemoSize, progress: bool = True, threads: int = 1, log=print,
+             data_seed: int = DATA_SEED) -> dict:
     """The whole demo in ``out``; returns the run report (also written to ``out/report.json``)."""
     import torch
 
@@ -172,20 +174,20 @@ def run_demo(out: Path, size: DemoSize, progress: bool = True, threads: int = 1,
     start = time.time()
     run_yaml = _config_file("run.yaml")
     template = load_run_config(run_yaml).template
-    files = data_stage(out, size, template, log)
+    files = data_stage(out, size, template, log, data_seed)
     base = pretrain_stage(out, size, files["pretrain"], progress, threads, log)
     cfg = load_run_config(run_yaml, run_overrides(out, size, files, base["hf"], threads) + [f"progress={progress}"])
     title = "sppd-megatron demo" + (" --quick" if size == PRESETS["quick"] else "")
     report = run_pipeline(cfg, log=log, title=title)
     seconds = time.time() - start
-    report["demo"] = {"size": asdict(size), "wall_seconds": round(seconds, 1), "threads": threads,
+    report["demo"] = {"size": asdict(size), "data_seed": data_seed, "wall_seconds": round(seconds, 1), "threads": threads,
                       "pretrain_metrics": base.get("metrics")}
     breakdown = misconception_breakdown(Path(cfg.run_dir), list(cfg.eval.models))
     if breakdown:
         log(f"{_SPLIT_TITLE}:\n  " + "\n  ".join(breakdown))
     report["demo"]["misconception_breakdown"] = breakdown
     notes = ([f"{_SPLIT_TITLE}: " + "; ".join(breakdown) + ".", ""] if breakdown else []) + [
-             f"Settings: {asdict(size)}; base model trained by `train` (configs/demo/pretrain.yaml).",
+             f"Settings: {asdict(size)}, data seed {data_seed}; base model trained by `train` (configs/demo/pretrain.yaml).",
              f"Wall time of this invocation: {seconds / 60:.1f} min ({threads} thread(s) per process; "
              "finished stages are skipped on re-runs, so a re-run's time is not the full demo's)."]
     write_report(out, report, title, notes)
@@ -198,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="CI size: under 5 minutes on 2 cores, no improvement promised")
     parser.add_argument("--out", default=None, help="run directory (default runs/demo, or runs/demo-quick with --quick)")
     parser.add_argument("--threads", type=int, default=1, help="torch/OMP threads per process")
+    parser.add_argument("--data-seed", type=int, default=DATA_SEED,
+                        help="seed of the generated problems (a different corpus, prompts and test sets)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs)")
     args = parser.parse_args(argv)
     from sppd_megatron.config import ConfigError
@@ -207,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
     size = PRESETS["quick" if args.quick else "default"]
     try:
-        run_demo(out, size, progress=not args.no_progress, threads=args.threads)
+        run_demo(out, size, progress=not args.no_progress, threads=args.threads, data_seed=args.data_seed)
     except (ConfigError, StageConflict, StageFailed, FileNotFoundError, ValueError) as exc:
         print(f"sppd-megatron demo: error: {exc}", file=sys.stderr)
         return 2
