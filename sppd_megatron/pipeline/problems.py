@@ -83,11 +83,14 @@ def _apply(value: int, operator: str, operand: int) -> int | None:
     return out if out > 0 else None
 
 
-def _written_steps(start: int, operations: list[tuple[str, int]]) -> list[str]:
-    """Numbered solution steps and the answer step for ``operations`` applied from ``start``."""
+def _written_steps(start: int, operations: list[tuple[str, int]]) -> list[str] | None:
+    """Numbered solution steps and the answer step for ``operations`` applied from ``start``, or
+    None when an amount on the way is not a positive whole number."""
     steps, value = [], start
     for k, (operator, operand) in enumerate(operations, 1):
         new = _apply(value, operator, operand)
+        if new is None:
+            return None
         steps.append(f"Step {k}: {value} {operator} {operand} = {new}.\n\n")
         value = new
     return steps + [f"The answer is \\boxed{{{value}}}."]
@@ -116,14 +119,8 @@ def make_problem(seed: int, index: int, num_steps: int, split: str, misconceptio
         slipped = sentence.endswith("triples them.") and slips.random() < misconception_rate
         written_ops.append((operator, 2 if slipped else operand))
     sentences.append(f"How many {item} does {name} have now?")
-    written = true_ops
-    if written_ops != true_ops:
-        amount = start
-        for operator, operand in written_ops:
-            amount = amount and _apply(amount, operator, operand)
-        written = written_ops if amount else true_ops
-    return Problem(id=f"{split}-{index:05d}", question=" ".join(sentences), steps=_written_steps(start, written),
-                   answer=value)
+    steps = _written_steps(start, written_ops) or _written_steps(start, true_ops)
+    return Problem(id=f"{split}-{index:05d}", question=" ".join(sentences), steps=steps, answer=value)
 
 
 def make_split(seed: int, split: str, count: int, min_steps: int, max_steps: int,
