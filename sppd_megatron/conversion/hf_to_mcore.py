@@ -26,7 +26,7 @@ from sppd_megatron.conversion.hf_io import (
     hf_source_dtype,
     read_hf_config,
 )
-from sppd_megatron.conversion.mapping import hf_to_mcore_tensor
+from sppd_megatron.conversion.mapping import hf_to_mcore_tensor, te_key_renamer
 from sppd_megatron.conversion.mcore_checkpoint import MODEL_SUBDIR, save_sharded_state_dict, write_checkpoint_meta
 from sppd_megatron.models.config import ModelConfig
 
@@ -118,9 +118,10 @@ def write_streaming(reader: HFTensorReader, model_cfg: ModelConfig, dtype: torch
     with single_process_megatron():
         model = build_meta_model(model_cfg, dtype)
         sharded = model.sharded_state_dict()
+        te_name = te_key_renamer(model)
         lazy = {}
         for local_key, sh in sharded.items():
-            produce = _producer(reader, model_cfg, local_key, tuple(sh.data.shape) if sh.data is not None else None)
+            produce = _producer(reader, model_cfg, te_name(local_key), tuple(sh.data.shape) if sh.data is not None else None)
             if isinstance(sh, ShardedTensor):
                 lazy[(sh.key, tuple(sh.global_offset))] = produce
             elif isinstance(sh, ShardedTensorFactory):

@@ -8,12 +8,22 @@ Tensor by tensor, so a 70B model converts while holding one layer's tensors at a
 - embeddings / lm_head: vocabulary-parallel, split on dim 0 after padding the vocabulary to
   ``ModelConfig.padded_vocab_size`` (padded rows are zero; their logits are masked in the loss);
 - norms are replicated.
+
+Megatron keys are spoken in TransformerEngine's names, whichever layer spec the model was built
+with. TE fuses each pre-norm into the linear layer after it (``self_attention.linear_qkv.layer_norm_weight``,
+``mlp.linear_fc1.layer_norm_weight``); megatron's local spec keeps them as modules of their own
+(``input_layernorm``, ``pre_mlp_layernorm``) and declares the renaming to TE's names in its
+``sharded_state_dict_keys_map``, which is why dist checkpoints carry TE names under both specs.
+:func:`te_key_renamer` applies a model's own declaration to its state-dict keys, so one mapping
+serves both specs and a checkpoint written under one loads under the other.
+
 megatron-bridge does this on GPU machines where it installs; it cannot install on CPU (needs TE),
 so this built-in mapping is the path tested here against transformers' logits.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Callable, Iterator
 
 import torch
@@ -65,20 +75,48 @@ def hf_layer_names(i: int) -> dict[str, str]:
 
 
 LAYER_KEYS = (
-    "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_weight",
     "self_attention.linear_qkv.weight",
     "self_attention.linear_qkv.bias",
     "self_attention.linear_proj.weight",
-    "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight",
     "mlp.linear_fc1.weight",
     "mlp.linear_fc2.weight",
 )
+_LAYER_KEY = re.compile(r"(decoder\.layers\.\d+\.)(.*)")
+
+
+def te_key_renamer(model: torch.nn.Module) -> Callable[[str], str]:
+    """A function from ``model``'s state-dict keys to TE names (the identity under the TE spec).
+
+    Uses the renaming the model's layer spec declares for dist checkpoints
+    (``TransformerLayerSubmodules.sharded_state_dict_keys_map``), applied as megatron applies it.
+    """
+    layers = model.decoder.layers if getattr(model, "decoder", None) is not None else []
+    keys_map = dict(layers[0].submodules_config.sharded_state_dict_keys_map) if len(layers) else {}
+
+    def rename(key: str) -> str:
+        match = _LAYER_KEY.match(key)
+        if match:
+            prefix, rest = match.groups()
+            for old, new in keys_map.items():
+                if rest.startswith(old):
+                    return prefix + new + rest[len(old):]
+        return key
+
+    return rename
+
+
+def te_named_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` (keys as in ``model.state_dict()``) with its keys in TE names."""
+    rename = te_key_renamer(model)
+    return {rename(k): v for k, v in state.items()}
 
 
 def mcore_local_keys(
     cfg: ModelConfig, num_local_layers: int, pre_process: bool, post_process: bool
 ) -> list[str]:
-    """The Megatron state-dict keys one pipeline stage holds (the output layer only when untied)."""
+    """The Megatron keys (TE names) of one pipeline stage's weights (the output layer only when untied)."""
     keys = ["embedding.word_embeddings.weight"] if pre_process else []
     for local in range(num_local_layers):
         keys += [
@@ -94,7 +132,7 @@ def mcore_local_keys(
 def hf_to_mcore_tensor(
     get: TensorGetter, cfg: ModelConfig, key: str, tp_rank: int, tp_size: int, layer_offset: int = 0
 ) -> torch.Tensor:
-    """One Megatron tensor (``key`` as in a stage's local state dict) for one TP rank, from HF tensors.
+    """One Megatron tensor (``key`` in TE names, layers numbered within the stage) for one TP rank.
 
     Reads only the HF tensors that this key needs, so callers can produce tensors in any order and
     keep one at a time in memory.
@@ -115,7 +153,7 @@ def hf_to_mcore_tensor(
         raise KeyError(f"no Hugging Face tensor maps to Megatron key {key!r}")
     n = hf_layer_names(layer_offset + int(parts[2]))
     suffix = parts[3]
-    if suffix == "input_layernorm.weight":
+    if suffix == "self_attention.linear_qkv.layer_norm_weight":
         return get(n["input_layernorm"])
     if suffix in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
         kind = suffix.rsplit(".", 1)[1]
@@ -123,7 +161,7 @@ def hf_to_mcore_tensor(
         return chunk(grouped).reshape(-1, cfg.hidden_size) if kind == "weight" else chunk(grouped).reshape(-1)
     if suffix == "self_attention.linear_proj.weight":
         return chunk(get(n["o"]), dim=1)
-    if suffix == "pre_mlp_layernorm.weight":
+    if suffix == "mlp.linear_fc1.layer_norm_weight":
         return get(n["post_attention_layernorm"])
     if suffix == "mlp.linear_fc1.weight":
         return torch.cat([chunk(get(n["gate"])), chunk(get(n["up"]))], dim=0)
@@ -150,11 +188,11 @@ def hf_to_mcore_shard(
 def mcore_to_hf_layer(
     shards: list[dict[str, torch.Tensor]], cfg: ModelConfig, local: int, global_index: int
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Merge one layer's TP shards (``shards[r]`` = rank r's local state dict) into HF tensors."""
+    """Merge one layer's TP shards (``shards[r]`` = rank r's state, TE names) into HF tensors."""
     m = f"decoder.layers.{local}."
     n = hf_layer_names(global_index)
     tp = len(shards)
-    yield n["input_layernorm"], shards[0][m + "input_layernorm.weight"]
+    yield n["input_layernorm"], shards[0][m + "self_attention.linear_qkv.layer_norm_weight"]
     ng_local = cfg.num_query_groups // tp
     grouped = torch.cat(
         [s[m + "self_attention.linear_qkv.weight"].reshape(ng_local, -1, cfg.hidden_size) for s in shards], dim=0
@@ -170,7 +208,7 @@ def mcore_to_hf_layer(
         yield n["k"] + ".bias", kb
         yield n["v"] + ".bias", vb
     yield n["o"], torch.cat([s[m + "self_attention.linear_proj.weight"] for s in shards], dim=1)
-    yield n["post_attention_layernorm"], shards[0][m + "pre_mlp_layernorm.weight"]
+    yield n["post_attention_layernorm"], shards[0][m + "mlp.linear_fc1.layer_norm_weight"]
     halves = [torch.chunk(s[m + "mlp.linear_fc1.weight"], 2, dim=0) for s in shards]
     yield n["gate"], torch.cat([h[0] for h in halves], dim=0)
     yield n["up"], torch.cat([h[1] for h in halves], dim=0)
@@ -192,7 +230,7 @@ def load_hf_into_model(model: torch.nn.Module, get: TensorGetter, cfg: ModelConf
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     num_local = len(model.decoder.layers)
     offset = model.decoder.layers[0].layer_number - 1 if num_local else 0
-    state = model.state_dict()
+    state = te_named_state(model, model.state_dict())
     seen = set()
     with torch.no_grad():
         for key, tensor in hf_to_mcore_shard(

@@ -214,23 +214,31 @@ def load_model_checkpoint(
 
     ``model_cfg`` (the config the model was built from) is checked against the checkpoint's first, so a
     checkpoint of a different model fails with one line instead of a shape error deep in torch.
-    Parameters under ``missing_ok_prefixes`` (the SVPO value head) may be absent from the checkpoint.
+    Parameters under ``missing_ok_prefixes`` (the SVPO value head) may be absent from the checkpoint,
+    and so may TransformerEngine's ``_extra_state`` (FP8 scaling history, rebuilt by TE as it trains):
+    a checkpoint written with megatron's local layers has none, and one written with TE at another
+    TP size has it under other shard names. Weights carry the same names under both specs.
     """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
     meta = read_checkpoint_meta(ckpt_dir)
     if model_cfg is not None:
         check_checkpoint_matches(ckpt_dir, model_cfg)
     model_dir = Path(ckpt_dir) / MODEL_SUBDIR
     sharded = model.sharded_state_dict()
-    if missing_ok_prefixes:
-        saved = set(dist_checkpointing.load_tensors_metadata(str(model_dir)))
-        absent = [
-            k for k, v in sharded.items()
-            if k.startswith(missing_ok_prefixes) and getattr(v, "key", k) not in saved
-        ]
-        for k in absent:
-            del sharded[k]
+    saved = set(load_sharded_metadata(str(model_dir)))
+
+    def stored_as(entry, key: str) -> str:
+        return entry.unique_key if isinstance(entry, ShardedObject) else getattr(entry, "key", key)
+
+    absent = [
+        k for k, v in sharded.items()
+        if (k.startswith(missing_ok_prefixes) or k.endswith("_extra_state")) and stored_as(v, k) not in saved
+    ]
+    for k in absent:
+        del sharded[k]
     state = dist_checkpointing.load(sharded, str(model_dir))
     incompatible = model.load_state_dict(state, strict=False)
     missing = [

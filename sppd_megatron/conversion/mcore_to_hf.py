@@ -26,7 +26,7 @@ from sppd_megatron.conversion.hf_io import (
     read_hf_config,
 )
 from sppd_megatron.conversion.hf_to_mcore import prepare_output_dir
-from sppd_megatron.conversion.mapping import mcore_to_hf_stage
+from sppd_megatron.conversion.mapping import mcore_to_hf_stage, te_key_renamer
 from sppd_megatron.conversion.mcore_checkpoint import (
     checkpoint_tokenizer_spec,
     config_differences,
@@ -70,7 +70,9 @@ def iter_checkpoint_hf_tensors(ckpt_dir: str | Path, model_cfg: ModelConfig, dty
     from sppd_megatron.conversion.process import build_meta_model, single_process_megatron
 
     with single_process_megatron():
-        sharded = build_meta_model(model_cfg, dtype).sharded_state_dict()
+        model = build_meta_model(model_cfg, dtype)
+        sharded = model.sharded_state_dict()
+        te_name = te_key_renamer(model)
         groups: dict[str, list[str]] = {}
         for key in sharded:
             if key.endswith("_extra_state"):
@@ -80,6 +82,7 @@ def iter_checkpoint_hf_tensors(ckpt_dir: str | Path, model_cfg: ModelConfig, dty
         order = ["pre"] + [f"layer{i}" for i in range(model_cfg.num_layers)] + ["post"]
         for name in order:
             loaded = load_checkpoint_tensors(ckpt_dir, {k: sharded[k] for k in groups.get(name, [])})
+            loaded = {te_name(k): v for k, v in loaded.items()}
             if name.startswith("layer"):
                 i = int(name[5:])
                 loaded = {k.replace(f"decoder.layers.{i}.", "decoder.layers.0.", 1): v for k, v in loaded.items()}

@@ -46,5 +46,4 @@ def build_meta_model(model_cfg, dtype: torch.dtype):
     from sppd_megatron.models.builder import PrecisionConfig, build_gpt_model
 
     precision = PrecisionConfig(params_dtype="bf16" if dtype == torch.bfloat16 else "fp32", transformer_impl="local")
-    with torch.device("meta"):
-        return build_gpt_model(model_cfg, precision)
+    return build_gpt_model(model_cfg, precision, device="meta")

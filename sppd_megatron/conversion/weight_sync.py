@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from sppd_megatron.conversion.errors import ConversionError
-from sppd_megatron.conversion.mapping import mcore_to_hf_stage
+from sppd_megatron.conversion.mapping import mcore_to_hf_stage, te_named_state
 from sppd_megatron.models.config import ModelConfig
 
 
@@ -63,10 +63,14 @@ def export_hf_state_dict(model: torch.nn.Module, model_cfg: ModelConfig) -> Iter
     """Yield (HF name, full tensor) on global rank 0; every rank must iterate it (it is collective)."""
     from megatron.core import parallel_state
 
+    from sppd_megatron.parallel.state import communication_device
+
     model = _unwrap(model)
     if parallel_state.get_data_parallel_rank() != 0:
         return  # data-parallel replicas hold the same weights; replica 0 exports
-    state = {k: v.detach() for k, v in model.state_dict().items() if v is not None and isinstance(v, torch.Tensor)}
+    state = te_named_state(
+        model, {k: v.detach() for k, v in model.state_dict().items() if v is not None and isinstance(v, torch.Tensor)}
+    )
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     stage = parallel_state.get_pipeline_model_parallel_rank()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -88,7 +92,7 @@ def export_hf_state_dict(model: torch.nn.Module, model_cfg: ModelConfig) -> Iter
                 if header[0] is None:
                     break
                 name, shape, dtype = header[0]
-                tensor = torch.empty(shape, dtype=dtype)
+                tensor = torch.empty(shape, dtype=dtype, device=communication_device())
                 torch.distributed.recv(tensor, src=src)
                 yield name, tensor
     elif tp_rank == 0:

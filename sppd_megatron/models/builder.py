@@ -23,7 +23,8 @@ class PrecisionConfig:
     params_dtype: Literal["fp32", "bf16"] = "fp32"
     """Model weights and activations; bf16 keeps fp32 main weights in the optimizer."""
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
-    """auto: TransformerEngine when importable with CUDA, else local torch layers."""
+    """auto: TransformerEngine on a CUDA machine (where a TE that fails to import is an error, not a
+    fallback), local torch layers without CUDA; local: megatron's unfused torch layers, anywhere."""
     fp8: Literal["none", "e4m3", "hybrid"] = "none"
     """FP8 GEMMs through TransformerEngine (GPU only; unverified on this CPU-only workplace)."""
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
@@ -40,32 +41,52 @@ class PrecisionConfig:
         return torch.bfloat16 if self.params_dtype == "bf16" else torch.float32
 
 
-def transformer_engine_available() -> bool:
-    """TE usable here? A broken TE raises more than ImportError, so catch everything."""
-    if not torch.cuda.is_available():
-        return False
+def transformer_engine_import_error() -> Exception | None:
+    """Why TransformerEngine cannot be used here (None when it imports).
+
+    A broken TE raises more than ImportError (RuntimeError from its CUDA/cuDNN loader), so catch all.
+    """
     try:
         import transformer_engine.pytorch  # noqa: F401
-    except Exception:
-        return False
-    return True
+    except Exception as exc:  # noqa: BLE001
+        return exc
+    return None
 
 
 def resolve_transformer_impl(precision: PrecisionConfig) -> str:
+    """``local`` or ``transformer_engine`` for this machine, never a silent downgrade on a GPU.
+
+    ``auto`` means TE on a CUDA machine and local layers without CUDA. A CUDA machine whose TE fails
+    to import stops here with TE's own error: quietly building local layers there would train with
+    unfused attention, which keeps [rows, heads, S, S] probabilities and breaks the memory plan.
+    ``local`` is always available when asked for by name.
+    """
     impl = precision.transformer_impl
-    if impl == "auto":
-        impl = "transformer_engine" if transformer_engine_available() else "local"
-    if impl == "transformer_engine" and not transformer_engine_available():
+    if impl == "local":
+        if precision.fp8 != "none":
+            raise RuntimeError("precision.fp8 needs TransformerEngine on a GPU; set precision.fp8=none")
+        return "local"
+    if not torch.cuda.is_available():
+        if impl == "auto" and precision.fp8 == "none":
+            return "local"
         raise RuntimeError(
-            "precision.transformer_impl=transformer_engine but TransformerEngine with CUDA is not "
-            "available here; use transformer_impl=local (or auto)"
+            f"precision.transformer_impl={impl}{' with precision.fp8=' + precision.fp8 if precision.fp8 != 'none' else ''} "
+            "needs TransformerEngine on a CUDA machine, and this machine has no CUDA; use "
+            "precision.transformer_impl=local (or auto) and precision.fp8=none"
         )
-    if precision.fp8 != "none" and impl != "transformer_engine":
-        raise RuntimeError("precision.fp8 needs TransformerEngine on a GPU; set precision.fp8=none")
-    return impl
+    error = transformer_engine_import_error()
+    if error is not None:
+        raise RuntimeError(
+            f"precision.transformer_impl={impl} on a CUDA machine, but TransformerEngine does not import "
+            f"({type(error).__name__}: {error}); install it (pip install 'sppd-megatron[gpu]') or ask for the "
+            "unfused local layers by name with precision.transformer_impl=local"
+        ) from error
+    return "transformer_engine"
 
 
-def build_transformer_config(model: ModelConfig, precision: PrecisionConfig, tp: int, pp: int):
+def build_transformer_config(model: ModelConfig, precision: PrecisionConfig, tp: int, pp: int,
+                             on_accelerator: bool = True):
+    """Megatron's TransformerConfig for this model; ``on_accelerator=False`` for a meta/CPU copy."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     impl = resolve_transformer_impl(precision)
@@ -90,9 +111,15 @@ def build_transformer_config(model: ModelConfig, precision: PrecisionConfig, tp:
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
-        # Initialise full weights on the CPU and slice them, so every TP layout starts identical;
-        # real runs load converted checkpoints anyway.
-        use_cpu_initialization=True,
+        # On the accelerator each rank allocates and initialises only its own shard, on its device
+        # (Megatron's CPU initialisation would build every full weight on every rank first). Every
+        # caller then loads weights (a checkpoint, or a transformers model initialised under a seed,
+        # which is what makes every layout start identical). Initialisation stays on although it is
+        # overwritten: in megatron-core 0.16 it is also what marks tensor-parallel weights
+        # (set_tensor_model_parallel_attributes), without which the gradient norm counts only TP
+        # rank 0's shards and clipping is wrong at TP > 1. Off the accelerator (the converter's
+        # meta models) the torch.device context decides where tensors go.
+        use_cpu_initialization=not on_accelerator,
         # Fusions need TE/Apex/CUDA kernels; the local spec uses the plain torch paths.
         bias_activation_fusion=impl == "transformer_engine",
         masked_softmax_fusion=impl == "transformer_engine",
@@ -101,6 +128,7 @@ def build_transformer_config(model: ModelConfig, precision: PrecisionConfig, tp:
         persist_layer_norm=False,
         sequence_parallel=False,
         deallocate_pipeline_outputs=False,
+        transformer_impl=impl,
     )
     if precision.fp8 != "none":
         kwargs.update(
@@ -133,15 +161,19 @@ class ValueHead(torch.nn.Module):
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             self.linear.bias.zero_()
-            self.linear.weight.copy_(torch.randn(self.linear.weight.shape, generator=gen) * 0.02)
+            self.linear.weight.copy_(torch.randn(self.linear.weight.shape, generator=gen, device="cpu") * 0.02)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.linear(hidden)).squeeze(-1)
 
 
 def build_gpt_model(model_cfg: ModelConfig, precision: PrecisionConfig, with_value_head: bool = False,
-                    seed: int = 0):
+                    seed: int = 0, device: str | torch.device | None = None):
     """This rank's pipeline stage of the policy (parallel_state must be initialised).
+
+    Parameters are created uninitialised on ``device``: by default this rank's accelerator (the
+    current CUDA device, as Megatron-LM's ``get_model`` places the model before DDP), or ``meta``
+    for a shapes-only model. The caller loads the weights.
 
     With ``with_value_head`` the last stage gets ``model.value_head`` and the decoder's final hidden
     states are kept in ``model.last_hidden_states`` after each forward (a forward hook), so the value
@@ -150,22 +182,29 @@ def build_gpt_model(model_cfg: ModelConfig, precision: PrecisionConfig, with_val
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
+    from sppd_megatron.parallel.state import accelerator_device
+
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     model_cfg.check_parallel(tp, pp)
-    config, impl = build_transformer_config(model_cfg, precision, tp, pp)
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=layer_spec(impl),
-        vocab_size=model_cfg.padded_vocab_size,
-        max_sequence_length=model_cfg.max_position_embeddings,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        parallel_output=True,
-        share_embeddings_and_output_weights=model_cfg.tie_word_embeddings,
-        position_embedding_type="rope",
-        rotary_base=int(model_cfg.rope_theta),
-    )
+    accelerator = accelerator_device()
+    device = accelerator if device is None else torch.device(device)
+    config, impl = build_transformer_config(model_cfg, precision, tp, pp, on_accelerator=device == accelerator)
+    with torch.device(device):  # what Megatron creates without naming a device (norms, value head)
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec(impl),
+            vocab_size=model_cfg.padded_vocab_size,
+            max_sequence_length=model_cfg.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+            parallel_output=True,
+            share_embeddings_and_output_weights=model_cfg.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(model_cfg.rope_theta),
+        )
+        if with_value_head and model.post_process:
+            model.value_head = ValueHead(model_cfg.hidden_size, precision.torch_dtype, seed)
     if model_cfg.rope_scaling is not None:
         rs = model_cfg.rope_scaling
         rope = model.rotary_pos_emb
@@ -177,7 +216,6 @@ def build_gpt_model(model_cfg: ModelConfig, precision: PrecisionConfig, with_val
             original_max_position_embeddings=rs.original_max_position_embeddings,
         )
     if with_value_head and model.post_process:
-        model.value_head = ValueHead(model_cfg.hidden_size, precision.torch_dtype, seed)
         model.last_hidden_states = None
 
         def _keep_hidden(_module, _inputs, output):

@@ -12,6 +12,11 @@ Rather than fork megatron-core, :func:`enable_cpu_shim` installs
 
 It is active only when CUDA is unavailable and only in processes that build Megatron models
 (:func:`sppd_megatron.parallel.state.initialize`). On a GPU machine it is never entered.
+
+The device that stands in for CUDA is the CPU. A test may choose ``meta`` instead: then the model
+lives on ``meta`` exactly where it would live on a GPU, and any tensor the trainer creates without
+naming the model's device lands on the CPU, where mixing it with the model's tensors raises (the
+CPU-only way to find what would be left behind on a GPU machine).
 Limitation: dropout inside the tracker's ``fork()`` draws from the CPU default generator, so it is not
 tensor-parallel consistent on CPU; every recipe here trains with dropout 0 (as Llama and Qwen do).
 """
@@ -22,6 +27,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _ACTIVE_MODE: "_CudaToCpuMode | None" = None
+_STAND_IN = torch.device("cpu")
 _CPU_TYPE_TO_CUDA = {
     "torch.FloatTensor": "torch.cuda.FloatTensor",
     "torch.HalfTensor": "torch.cuda.HalfTensor",
@@ -29,15 +35,20 @@ _CPU_TYPE_TO_CUDA = {
 }
 
 
-def _to_cpu_device(device):
+def stand_in_device() -> torch.device:
+    """The device that plays CUDA's part while the shim is active (the CPU unless a test chose meta)."""
+    return _STAND_IN
+
+
+def _redirect_device(device):
     if device is None:
         return None
     if isinstance(device, int):
-        return torch.device("cpu")
+        return _STAND_IN
     if isinstance(device, str) and device.startswith("cuda"):
-        return torch.device("cpu")
+        return _STAND_IN
     if isinstance(device, torch.device) and device.type == "cuda":
-        return torch.device("cpu")
+        return _STAND_IN
     return device
 
 
@@ -45,13 +56,13 @@ class _CudaToCpuMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if "device" in kwargs:
-            kwargs["device"] = _to_cpu_device(kwargs["device"])
+            kwargs["device"] = _redirect_device(kwargs["device"])
         if kwargs.get("pin_memory"):
             kwargs["pin_memory"] = False
         if func is torch.Tensor.cuda:
-            return args[0]
+            return args[0].to(_STAND_IN)
         if func is torch.Tensor.to:
-            args = tuple(_to_cpu_device(a) if isinstance(a, (str, torch.device)) else a for a in args)
+            args = tuple(_redirect_device(a) if isinstance(a, (str, torch.device)) else a for a in args)
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
             return _CPU_TYPE_TO_CUDA.get(name, name)
@@ -74,11 +85,17 @@ class _CpuStandInGenerator:
         self.gen.manual_seed(int(seed))
 
 
-def enable_cpu_shim() -> None:
-    """Idempotently redirect megatron-core's CUDA call sites to the CPU (no-op when CUDA exists)."""
-    global _ACTIVE_MODE
+def enable_cpu_shim(stand_in: str = "cpu") -> None:
+    """Idempotently redirect megatron-core's CUDA call sites to ``stand_in`` (no-op when CUDA exists).
+
+    ``stand_in`` is ``cpu`` for real work; ``meta`` only for device-placement tests (nothing computes).
+    """
+    global _ACTIVE_MODE, _STAND_IN
     if torch.cuda.is_available() or _ACTIVE_MODE is not None:
         return
+    if stand_in not in ("cpu", "meta"):
+        raise ValueError(f"the CUDA stand-in must be cpu or meta, not {stand_in!r}")
+    _STAND_IN = torch.device(stand_in)
     from megatron.core.tensor_parallel import random as mp_random
 
     stand_in = _CpuStandInGenerator()

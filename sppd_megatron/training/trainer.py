@@ -245,6 +245,8 @@ def attach_reference(model, examples: list, cfg: TrainConfig, pad_id: int, vocab
         _barrier()
     for ex, v in zip(examples, stored):
         ex.ref_logps = [r if r is not None else s for r, s in zip(ex.ref_logps, v)]
+        if not all(r is not None and math.isfinite(r) for r in ex.ref_logps):
+            raise RuntimeError(f"{ex.where}: reference log-prob {ex.ref_logps} is not finite")
 
 
 def _read_reference_file(path: Path, fingerprint: str, count: int) -> list[list[float]] | None:
@@ -376,6 +378,7 @@ def train(cfg: TrainConfig) -> dict:
             for p in ref_model.parameters():
                 p.requires_grad_(False)
 
+    _write_runtime(out_dir, model, cfg)
     ddp_model = wrap_ddp(model, cfg)
     optimizer, scheduler = build_optimizer(ddp_model, cfg, train_steps)
     model.config.finalize_model_grads_func = finalize_model_grads
@@ -424,6 +427,8 @@ def train(cfg: TrainConfig) -> dict:
             "step_time_s": round(time.time() - t0, 4),
             **{k: v for k, v in metrics.items() if k not in ("tokens",)},
         }
+        if torch.cuda.is_available():
+            last["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 4)
         writer.write(last)
         if progress is not None:
             progress.update(1)
@@ -440,6 +445,29 @@ def train(cfg: TrainConfig) -> dict:
         progress.close()
     writer.close()
     return last
+
+
+def _write_runtime(out_dir: Path, model, cfg: TrainConfig) -> None:
+    """OUTPUT_DIR/runtime.json: where and how this run computes (device, layer implementation, layout)."""
+    if not pstate.is_rank0():
+        return
+    from megatron.core import parallel_state
+
+    from sppd_megatron.training.forward import model_device
+
+    info = {
+        "device": str(model_device(model)),
+        "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "transformer_impl": model.config.transformer_impl,
+        "params_dtype": str(model.config.params_dtype).replace("torch.", ""),
+        "fp8": cfg.precision.fp8,
+        "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+        "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+        "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+        "torch": torch.__version__,
+    }
+    (out_dir / "runtime.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
 
 
 def _fill_reference(ref_model, logp_fn, batches: list[dict], cfg: TrainConfig) -> None:

@@ -8,26 +8,18 @@ from sppd_megatron.models import builder
 from sppd_megatron.models.config import ModelConfig, model_config_from_hf
 
 
-def test_cpu_uses_the_local_spec_and_refuses_te():
-    assert builder.resolve_transformer_impl(builder.PrecisionConfig()) == "local"
-    with pytest.raises(RuntimeError, match="TransformerEngine with CUDA is not available"):
-        builder.resolve_transformer_impl(builder.PrecisionConfig(transformer_impl="transformer_engine"))
-    with pytest.raises(ValueError, match="fp8 needs transformer_impl"):
-        builder.PrecisionConfig(transformer_impl="local", fp8="hybrid")
-    with pytest.raises(RuntimeError, match="fp8 needs TransformerEngine"):
-        builder.resolve_transformer_impl(builder.PrecisionConfig(fp8="e4m3"))
-
-
 @pytest.mark.parametrize("recipe", ["delayed", "tensorwise", "mxfp8", "blockwise"])
 def test_te_fp8_config_wiring_reaches_megatron(recipe):
     """The GPU path up to the point a CPU allows: megatron's TransformerConfig accepts our FP8/BF16 settings."""
     precision = builder.PrecisionConfig(params_dtype="bf16", transformer_impl="transformer_engine", fp8="hybrid",
                                         fp8_recipe=recipe)
-    with mock.patch.object(builder, "transformer_engine_available", return_value=True):
+    with mock.patch.object(builder.torch.cuda, "is_available", return_value=True), \
+            mock.patch.object(builder, "transformer_engine_import_error", return_value=None):
         cfg, impl = builder.build_transformer_config(ModelConfig(), precision, tp=1, pp=1)
     assert impl == "transformer_engine"
     assert (cfg.fp8, cfg.fp8_recipe, cfg.bf16) == ("hybrid", recipe, True)
     assert cfg.bias_activation_fusion and cfg.masked_softmax_fusion
+    assert cfg.transformer_impl == "transformer_engine" and not cfg.use_cpu_initialization
 
 
 def test_parallel_layout_errors_say_what_to_do():
