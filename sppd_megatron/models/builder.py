@@ -86,7 +86,7 @@ def resolve_transformer_impl(precision: PrecisionConfig) -> str:
 
 def build_transformer_config(model: ModelConfig, precision: PrecisionConfig, tp: int, pp: int,
                              on_accelerator: bool = True):
-    """Megatron's TransformerConfig for this model; ``on_accelerator=False`` for a meta/CPU copy."""
+    """Megatron's TransformerConfig for this model; ``on_accelerator`` is True for a model on a GPU."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     impl = resolve_transformer_impl(precision)
@@ -111,14 +111,14 @@ def build_transformer_config(model: ModelConfig, precision: PrecisionConfig, tp:
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
-        # On the accelerator each rank allocates and initialises only its own shard, on its device
-        # (Megatron's CPU initialisation would build every full weight on every rank first). Every
+        # On a GPU each rank allocates and initialises only its own shard, on its device (Megatron's
+        # CPU initialisation would build every full weight on every rank first). Every
         # caller then loads weights (a checkpoint, or a transformers model initialised under a seed,
         # which is what makes every layout start identical). Initialisation stays on although it is
         # overwritten: in megatron-core 0.16 it is also what marks tensor-parallel weights
         # (set_tensor_model_parallel_attributes), without which the gradient norm counts only TP
-        # rank 0's shards and clipping is wrong at TP > 1. Off the accelerator (the converter's
-        # meta models) the torch.device context decides where tensors go.
+        # rank 0's shards and clipping is wrong at TP > 1. Off the GPU (CPU, meta) the torch.device
+        # context decides where tensors go.
         use_cpu_initialization=not on_accelerator,
         # Fusions need TE/Apex/CUDA kernels; the local spec uses the plain torch paths.
         bias_activation_fusion=impl == "transformer_engine",
@@ -187,9 +187,8 @@ def build_gpt_model(model_cfg: ModelConfig, precision: PrecisionConfig, with_val
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     model_cfg.check_parallel(tp, pp)
-    accelerator = accelerator_device()
-    device = accelerator if device is None else torch.device(device)
-    config, impl = build_transformer_config(model_cfg, precision, tp, pp, on_accelerator=device == accelerator)
+    device = accelerator_device() if device is None else torch.device(device)
+    config, impl = build_transformer_config(model_cfg, precision, tp, pp, on_accelerator=device.type == "cuda")
     with torch.device(device):  # what Megatron creates without naming a device (norms, value head)
         model = GPTModel(
             config=config,
@@ -205,6 +204,13 @@ def build_gpt_model(model_cfg: ModelConfig, precision: PrecisionConfig, with_val
         )
         if with_value_head and model.post_process:
             model.value_head = ValueHead(model_cfg.hidden_size, precision.torch_dtype, seed)
+    # megatron's local norms (torch.nn.RMSNorm) ignore params_dtype and are created in fp32, where
+    # Megatron-LM casts the whole module (Float16Module). An fp32 norm in a bf16 model is not what TE
+    # builds, and megatron's bf16 optimizer cannot checkpoint it (its parameter map holds only the
+    # bf16 parameters). Parameters only: RoPE's inv_freq is no parameter and stays fp32.
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != precision.torch_dtype:
+            param.data = param.data.to(precision.torch_dtype)
     if model_cfg.rope_scaling is not None:
         rs = model_cfg.rope_scaling
         rope = model.rotary_pos_emb
