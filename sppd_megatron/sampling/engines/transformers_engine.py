@@ -188,6 +188,7 @@ class TransformersEngine:
 
     def _uniforms(self, req: GenerationRequest) -> torch.Tensor:
         seed = req.seed if req.seed is not None else self._fallback_rng.getrandbits(63)
+        # Drawn on the CPU, so a seed gives the same draws on any device.
         gen = torch.Generator().manual_seed(seed)
         return torch.rand(req.max_new_tokens, generator=gen, dtype=torch.float64).to(torch.float32)
 
@@ -208,7 +209,7 @@ class TransformersEngine:
         positions = torch.tensor([len(r.context_ids) - 1 for r in requests], device=dev)
         temperature = torch.tensor([r.temperature for r in requests], dtype=torch.float32, device=dev)
         top_p = torch.tensor([r.top_p for r in requests], dtype=torch.float32, device=dev)
-        uniforms = [self._uniforms(r) for r in requests]
+        uniforms = torch.nn.utils.rnn.pad_sequence([self._uniforms(r) for r in requests], batch_first=True).to(dev)
 
         out_ids: list[list[int]] = [[] for _ in range(n)]
         out_lps: list[list[float]] = [[] for _ in range(n)]
@@ -221,14 +222,15 @@ class TransformersEngine:
                              position_ids=positions[:, None], past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             logits = out.logits[:, -1, :].float()
-            u = torch.stack([uniforms[i][step] for i in active])
-            tokens = _sample_rows(logits, temperature, top_p, u)
+            tokens = _sample_rows(logits, temperature, top_p, uniforms[:, step])
             logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
             keep_rows = []
+            # One device-to-host copy per step, not one per row.
+            token_list, logprob_list = tokens.tolist(), logprobs.tolist()
             for row, i in enumerate(active):
-                tok = int(tokens[row])
+                tok = token_list[row]
                 out_ids[i].append(tok)
-                out_lps[i].append(float(logprobs[row]))
+                out_lps[i].append(logprob_list[row])
                 finish[i] = self._finished(requests[i], out_ids[i], tok)
                 if finish[i] is None:
                     keep_rows.append(row)
@@ -243,7 +245,7 @@ class TransformersEngine:
                     break
                 cache.batch_select_indices(sel)
                 mask, tokens, positions = mask[sel], tokens[sel], positions[sel]
-                temperature, top_p = temperature[sel], top_p[sel]
+                temperature, top_p, uniforms = temperature[sel], top_p[sel], uniforms[sel]
             next_input = tokens
             positions = positions + 1
 
