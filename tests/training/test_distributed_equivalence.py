@@ -20,7 +20,8 @@ STEP_PAIRS = REPO / "configs" / "tiny-cpu" / "data" / "step_pairs.jsonl"
 RUNS = {
     "step_dpo": ("configs/tiny-cpu/step_dpo.yaml", ["tp2", "pp2", "dp2", "dp2dist"], []),
     "svpo": ("configs/tiny-cpu/svpo.yaml", ["tp2", "pp2"], []),
-    "sft": ("configs/tiny-cpu/sft.yaml", ["pp2"], []),
+    # sft's token-level mean divides by the response tokens of both data-parallel ranks together.
+    "sft": ("configs/tiny-cpu/sft.yaml", ["pp2", "dp2"], []),
     "step_dpo_31pairs": ("configs/tiny-cpu/step_dpo.yaml", ["pp2", "dp2"], ["data.train_file={pairs31}"]),
 }
 
