@@ -3,10 +3,13 @@
     .venv/bin/python benchmarks/bench_sampling.py [--questions 50] [--K 64] [--C 2] [--step-tokens 16]
 
 Runs the same sampling twice with the tiny random Llama (character tokenizer) on CPU: with a
-shared context prefilled once per expansion (``reuse_prefix=True``) and with every branch
-prefilling its own context. Prints the tokens in all collected trajectories (what sampling each
-trajectory on its own would process), the tokens the engine actually computed, their ratio, and
-the wall time of both runs. Figures are printed, never asserted.
+shared context prefilled once per expansion and a prefix cache across rounds
+(``reuse_prefix=True``), and with every branch prefilling its own context. Prints the unique
+tokens of the trees (each prompt once, each node's step once: the least any engine has to run
+through the model), the tokens the engine actually computed (uncached context + generated) and
+their ratio (below 1 is possible: a leaf's last token is sampled but never run through the
+model), the prefix-cache hit rate (share of the requested context tokens that were not
+recomputed), and the wall time of both runs. Figures are printed, never asserted.
 """
 
 from __future__ import annotations
@@ -59,21 +62,19 @@ def main() -> None:
     trees, shared, t_shared = run(cfg, prompts, model, tokenizer, template, reuse=True)
     trees_sep, separate, t_sep = run(cfg, prompts, model, tokenizer, template, reuse=False)
 
-    prompt_tokens = {t.id: len(t.nodes[0].token_ids) for t in trees}
-    trajectories = [(t.id, traj) for t in trees for traj in t.trajectories()]
-    in_trajectories = sum(prompt_tokens[i] + sum(len(n.token_ids) for n in traj) for i, traj in trajectories)
+    unique = sum(len(n.token_ids) for t in trees for n in t.nodes)
     same = sum([n.token_ids for n in a.nodes] == [n.token_ids for n in b.nodes] for a, b in zip(trees, trees_sep))
 
     print(f"tiny llama (char tokenizer), {len(prompts)} questions, K={cfg.K}, C={cfg.C}, "
           f"max_step_tokens={cfg.max_step_tokens}, max_total_tokens={cfg.max_total_tokens}, "
           f"threads={args.threads}")
-    print(f"trees: {sum(len(t.nodes) for t in trees)} nodes, {len(trajectories)} trajectories, "
-          f"{shared.requests} engine requests, {shared.generated_tokens} generated tokens")
-    print(f"tokens in all trajectories (prompt + steps): {in_trajectories}")
-    print(f"tokens computed, prefix reuse:    {shared.computed_tokens}  "
-          f"(ratio trajectories/computed {in_trajectories / shared.computed_tokens:.2f}x)")
-    print(f"tokens computed, no prefix reuse: {separate.computed_tokens}  "
-          f"(ratio {in_trajectories / separate.computed_tokens:.2f}x)")
+    print(f"trees: {sum(len(t.nodes) for t in trees)} nodes, {sum(len(t.trajectories()) for t in trees)} "
+          f"trajectories, {shared.requests} engine requests, {shared.generated_tokens} generated tokens")
+    print(f"unique tree tokens (prompts + steps, each once): {unique}")
+    for name, stats in (("prefix reuse:   ", shared), ("no prefix reuse:", separate)):
+        print(f"{name} computed {stats.computed_tokens} tokens = {stats.computed_tokens / unique:.2f}x the unique; "
+              f"prefix-cache hit rate {stats.cached_prefix_tokens / stats.context_tokens:.1%} "
+              f"({stats.cached_prefix_tokens} of {stats.context_tokens} context tokens not recomputed)")
     print(f"wall time: prefix reuse {t_shared:.1f}s, no reuse {t_sep:.1f}s, speed-up {t_sep / t_shared:.2f}x")
     # Reuse changes the shapes of the float computations, so a draw that lands within ~1e-7 of a
     # CDF boundary can flip and a tree then diverges; each run on its own is deterministic.

@@ -3,7 +3,8 @@
 Nothing here knows about Megatron, batches or parallelism: the trainer's forward step turns a
 micro-batch into the tensors below, calls one of these, and reduces the per-example losses as
 (sum, count) for Megatron. Every function returns ``(per_example_loss, metrics)`` where ``metrics``
-maps a name to a per-example tensor (averaged by the trainer).
+maps a name to a per-example tensor (averaged by the trainer); ``sft_loss`` also returns each
+sequence's weight in the global mean (its token count, or 1), since SFT is averaged over tokens.
 
 Notation: for a pair (w = chosen, l = rejected) continuing the same context s,
 ``h = [log pi(w|s) - log ref(w|s)] - [log pi(l|s) - log ref(l|s)]`` (the log-ratio difference);
@@ -11,7 +12,7 @@ the implicit rewards are ``beta * (log pi - log ref)``.
 
 | name       | formula                                                                 | paper |
 |------------|--------------------------------------------------------------------------|-------|
-| sft        | -sum_t log pi(y_t | x, y_<t) / #tokens                                   | SPPD 4.3 (SFT-PRM) |
+| sft        | -sum_t log pi(y_t | x, y_<t) / #tokens, over the global batch (or per sequence) | SPPD 4.3 (SFT-PRM) |
 | dpo/sigmoid| -(1-eps) log s(beta h) - eps log s(-beta h)  (eps = label_smoothing)     | DPO (Rafailov 2023) eq. 7; cDPO |
 | dpo/ipo    | (h - 1/(2 beta))^2                                                        | IPO (Azar 2023) eq. 17 |
 | step_dpo   | -log s(beta h - m),  m = gamma (V(s_w) - V(s_l)) | gamma | 0               | SPPD eq. 5 / eq. 4 (gamma=1) |
@@ -31,6 +32,7 @@ Tensor = torch.Tensor
 Metrics = dict[str, Tensor]
 
 DPO_VARIANTS = ("sigmoid", "ipo", "conservative")
+SFT_REDUCTIONS = ("token", "sequence")
 MARGIN_MODES = ("dynamic", "fixed", "none")
 
 
@@ -50,15 +52,28 @@ def _preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Met
     }
 
 
-def sft_loss(token_logps: Tensor, loss_mask: Tensor) -> tuple[Tensor, Metrics]:
-    """Next-token NLL on response tokens, per sequence: ``-sum(mask * logp) / sum(mask)``.
+def sft_loss(token_logps: Tensor, loss_mask: Tensor,
+             reduction: Literal["token", "sequence"] = "token") -> tuple[Tensor, Tensor, Metrics]:
+    """Next-token NLL on response tokens: ``(per_sequence_loss, weight, metrics)``.
+
+    The batch's loss is ``sum(per_sequence_loss) / sum(weight)`` over the global batch (every
+    micro-batch and data-parallel rank; the trainer hands both sums to Megatron):
+
+    - ``token``: loss ``-sum(mask * logp)``, weight ``sum(mask)``: the mean NLL over all response
+      tokens of the batch, so a long response counts for more (Megatron's and TRL SFTTrainer's loss);
+    - ``sequence``: loss ``-sum(mask * logp) / sum(mask)``, weight 1: the mean over sequences of
+      each one's mean NLL, every response counting the same.
 
     ``token_logps`` and ``loss_mask`` are [batch, seq]; prompt and context positions have mask 0.
     """
+    if reduction not in SFT_REDUCTIONS:
+        raise ValueError(f"unknown SFT reduction {reduction!r}; choose one of {SFT_REDUCTIONS}")
     mask = loss_mask.to(token_logps.dtype)
-    count = mask.sum(-1).clamp(min=1)
-    nll = -(token_logps * mask).sum(-1) / count
-    return nll, {"nll": nll.detach(), "tokens": mask.sum(-1)}
+    tokens = mask.sum(-1)
+    nll_sum = -(token_logps * mask).sum(-1)
+    if reduction == "token":
+        return nll_sum, tokens, {"tokens": tokens}
+    return nll_sum / tokens.clamp(min=1), torch.ones_like(tokens), {"tokens": tokens}
 
 
 def dpo_loss(

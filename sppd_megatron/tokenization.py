@@ -8,6 +8,7 @@ tiny model's outputs stay readable. It is a real ``PreTrainedTokenizerFast`` (sa
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 CHAR_TOKENIZER_SPEC = "builtin:char"
@@ -61,3 +62,30 @@ def load_tokenizer(spec: str | Path):
         # Qwen2 config), which re-splits a tokenizer.json built in code; load it as saved instead.
         return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+@lru_cache(maxsize=16)
+def _leading_special_ids(tokenizer) -> tuple[int, ...]:
+    """The special tokens the tokenizer puts before a text (a Llama base model's BOS), if any."""
+    probe = "a"
+    full = tokenizer(probe)["input_ids"]
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            return tuple(full[:i])
+    return ()
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of a text that starts a sequence: a prompt, or a prompt followed by steps.
+
+    The one tokenisation used by sampling, rollouts and training, so the policy is conditioned on
+    the same ids in each. The tokenizer's leading special tokens (BOS for a Llama base model) are
+    added once: not again when the text already writes them, as a chat template does, and no
+    trailing ones (an EOS some tokenizers append), because the sequence goes on.
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    lead = list(_leading_special_ids(tokenizer))
+    if lead and ids[: len(lead)] != lead:
+        ids = lead + ids
+    return list(ids)

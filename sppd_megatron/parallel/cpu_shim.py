@@ -1,7 +1,7 @@
 """Run megatron-core on machines without CUDA: the one place where its CUDA call sites are redirected.
 
 megatron-core 0.16 hard-codes CUDA in a handful of places that matter for training (measured, see
-docs/platform.md): ``torch.cuda.current_device()`` as a device, ``device="cuda"`` in the default causal
+docs/platform-notes.md): ``torch.cuda.current_device()`` as a device, ``device="cuda"`` in the default causal
 mask, pipeline schedules (token counters) and optimizers (overflow buffers), the model-parallel RNG
 tracker's CUDA generator state, and the optimizers' ``param.type() == 'torch.cuda.FloatTensor'`` checks.
 

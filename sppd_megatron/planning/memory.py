@@ -36,7 +36,7 @@ LOSS_CHUNK_TOKENS = 1024
 
 # Activation coefficients (elements per token per layer), fitted on the local spec with
 # sppd_megatron.planning.measure (saved-for-backward tensors of tiny runs varying layers, hidden, FFN,
-# KV heads and vocabulary in fp32; within 1-4% in bf16 and at TP=2 x PP=2).
+# KV heads and vocabulary in fp32; tests/planning/test_memory_vs_run.py holds bf16 and TP=2 x PP=2 to 5%).
 _REPLICATED_HIDDEN = 4.0  # both RMSNorms' inputs and outputs: not split without sequence parallelism
 _SPLIT_HIDDEN = 4.2  # q, rotated q, expanded k and v, attention context: split over TP heads
 _KV = 4.0  # k, v (and rotated k) per query group

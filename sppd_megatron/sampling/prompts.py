@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sppd_megatron.records import Prompt, PromptTemplate, RecordError
+from sppd_megatron.tokenization import encode
 
 
 @dataclass
@@ -113,8 +114,8 @@ def resolve_template(template: PromptTemplate, tokenizer) -> PromptTemplate:
 def render_prompt(template: PromptTemplate, tokenizer, question: str) -> tuple[str, list[int]]:
     """``(prompt_text, prompt_token_ids)`` for a question under a resolved template.
 
-    A chat template already writes any BOS token, so special tokens are added only for the
-    plain format (where the tokenizer's own convention applies).
+    The ids are :func:`~sppd_megatron.tokenization.encode`'s, the ones training computes from the
+    same text: the tokenizer's BOS once, whether the chat template writes it or not.
     """
     if template.use_chat_template:
         messages = [{"role": "user", "content": question}]
@@ -122,8 +123,6 @@ def render_prompt(template: PromptTemplate, tokenizer, question: str) -> tuple[s
             messages.insert(0, {"role": "system", "content": template.system_prompt})
         text = tokenizer.apply_chat_template(messages, chat_template=template.chat_template,
                                              tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
         text = template.plain_format.format(system=template.system_prompt, question=question)
-        ids = tokenizer(text)["input_ids"]
-    return text, list(ids)
+    return text, encode(tokenizer, text)

@@ -16,6 +16,7 @@ from typing import Sequence
 from sppd_megatron.sampling.engines.base import GenerationRequest, RolloutEngine
 from sppd_megatron.scoring.grading import extract_answer, grade
 from sppd_megatron.scoring.prm import BatchedPRM, StepQuery, check_scores
+from sppd_megatron.tokenization import encode
 
 
 @dataclass
@@ -77,7 +78,7 @@ class MonteCarloPRM(BatchedPRM):
                     states[key] = state_text
         requests, owners = [], []
         for key in states:
-            context_ids = self.tokenizer(key[0], add_special_tokens=False)["input_ids"]
+            context_ids = encode(self.tokenizer, key[0])
             for i in range(cfg.num_rollouts):
                 requests.append(
                     GenerationRequest(

@@ -31,7 +31,7 @@ from sppd_megatron.parallel.state import is_rank0
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_SUBDIR = "optimizer"
 # The distributed optimizer's default format (fully_sharded_model_space) fails to save in megatron-core
-# 0.16 without TE/Apex (docs/platform.md); dp_reshardable works and is what we write. It reshards
+# 0.16 without TE/Apex (docs/platform-notes.md); dp_reshardable works and is what we write. It reshards
 # model-parallel layouts but needs the same data-parallel size on resume.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 

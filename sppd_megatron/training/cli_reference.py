@@ -23,7 +23,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("config", help="a preference-stage TrainConfig YAML (dpo, step_dpo, svpo)")
     parser.add_argument("--out", required=True, help="where to write the dataset with reference log-probs")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    args = parser.parse_args(argv)
+    # Intermixed: overrides may follow --out, as the usage line writes them.
+    args = parser.parse_intermixed_args(argv)
     from sppd_megatron.parallel import state as pstate
     from sppd_megatron.records import PreferencePair, read_jsonl, write_jsonl
     from sppd_megatron.tokenization import load_tokenizer

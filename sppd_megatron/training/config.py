@@ -60,6 +60,9 @@ class LossConfig:
     dpo_variant: Literal["sigmoid", "ipo", "conservative"] = "sigmoid"
     label_smoothing: float = 0.0
     """Flip probability for dpo_variant=conservative."""
+    sft_reduction: Literal["token", "sequence"] = "token"
+    """sft: token, the mean NLL over every response token of the global batch (Megatron's and TRL's
+    SFT loss); sequence, the mean over responses of each one's mean NLL (every response weighs the same)."""
     rpo_alpha: float = 0.0
     """dpo and step_dpo: weight of the NLL on the chosen continuation (RPO, Pang et al. 2024; TRL's
     ``loss_type=["sigmoid", "sft"]``). 0 is the paper's loss. svpo has its own ``svpo_weights.sft``."""

@@ -1,5 +1,8 @@
 """Training records -> token rows -> micro-batches. Tokenisation happens here, once, and is checked.
 
+Texts are tokenised with :func:`sppd_megatron.tokenization.encode`, as sampling tokenised the
+prompts the steps were generated from, so a model trains on the ids it was sampled with.
+
 Every record is read, validated and tokenised before the first forward pass, so bad data (missing
 fields, an empty step, NaN values, a pair longer than ``max_length``, ids outside the model's
 vocabulary, a step that re-tokenises differently when joined to its prefix) stops the run with
@@ -17,6 +20,7 @@ import numpy as np
 import torch
 
 from sppd_megatron.records import PreferencePair, RecordError, SFTExample, iter_jsonl_lenient
+from sppd_megatron.tokenization import encode
 
 MAX_REPORTED_ERRORS = 10
 
@@ -43,8 +47,8 @@ class Example:
 
 
 def _tokenize_continuation(tokenizer, context: str, continuation: str) -> tuple[list[int], int]:
-    ctx_ids = tokenizer(context, add_special_tokens=False)["input_ids"] if context else []
-    full_ids = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx_ids = encode(tokenizer, context)
+    full_ids = encode(tokenizer, context + continuation)
     if full_ids[: len(ctx_ids)] != ctx_ids or len(full_ids) == len(ctx_ids):
         raise RecordError(
             "the continuation re-tokenises differently when joined to its context (a token merges across "

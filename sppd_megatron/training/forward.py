@@ -2,9 +2,10 @@
 
 This is the only place that turns model outputs into the tensors :mod:`sppd_megatron.losses` takes.
 It adapts to megatron-core's loss contract once: the loss function returns
-``(sum of per-example losses, number of examples, report)`` with ``calculate_per_token_loss`` on, so
-Megatron divides gradients by the global example count over all micro-batches and data-parallel
-ranks. A step's gradient is therefore the same mean whatever the TP/PP/DP layout.
+``(sum of per-example losses, their total weight, report)`` with ``calculate_per_token_loss`` on, so
+Megatron divides gradients by the global weight over all micro-batches and data-parallel ranks.
+The weight is the number of examples, or of response tokens for token-level SFT. A step's
+gradient is therefore the same mean whatever the TP/PP/DP layout.
 """
 
 from __future__ import annotations
@@ -50,11 +51,20 @@ def _value_predictions(model, batch: dict) -> torch.Tensor:
 
 
 def compute_losses(stage: str, cfg: LossConfig, model, output: torch.Tensor, batch: dict,
-                   vocab_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-example losses and metrics of one micro-batch (pairs: rows 2i chosen, 2i+1 rejected)."""
+                   vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-example losses, their weights in the global mean, and metrics of one micro-batch.
+
+    Pairs are rows 2i (chosen) and 2i+1 (rejected) and weigh one each.
+    """
     token_lp, seq_lp = sequence_logps(output, batch, vocab_size)
     if stage == "sft":
-        return losses.sft_loss(token_lp, batch["loss_mask"])
+        return losses.sft_loss(token_lp, batch["loss_mask"], cfg.sft_reduction)
+    per_pair, metrics = _preference_losses(stage, cfg, model, batch, token_lp, seq_lp)
+    return per_pair, torch.ones_like(per_pair), metrics
+
+
+def _preference_losses(stage: str, cfg: LossConfig, model, batch: dict, token_lp: torch.Tensor,
+                       seq_lp: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     pc, pr = seq_lp[0::2], seq_lp[1::2]
     ref = batch["ref_logps"].to(seq_lp.dtype)
     rc, rr = ref[0::2], ref[1::2]
@@ -78,9 +88,10 @@ def compute_losses(stage: str, cfg: LossConfig, model, output: torch.Tensor, bat
 
 
 def _loss_func(stage: str, cfg: LossConfig, model, batch: dict, vocab_size: int, output: torch.Tensor):
-    per_example, metrics = compute_losses(stage, cfg, model, output, batch, vocab_size)
+    per_example, weight, metrics = compute_losses(stage, cfg, model, output, batch, vocab_size)
     device = per_example.device
-    n = torch.tensor(per_example.numel(), dtype=torch.int, device=device)
+    # Megatron sums the counts of all micro-batches and data-parallel ranks and divides gradients by it.
+    n = weight.sum().round().to(torch.int)
     total = per_example.sum()
     report = {"loss": torch.stack([total.detach().float(), n.float()])}
     for name, value in metrics.items():

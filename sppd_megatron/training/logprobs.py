@@ -1,9 +1,12 @@
 """Per-token log-probs from vocabulary-parallel logits, without gathering the vocabulary.
 
 megatron-core's ``vocab_parallel_cross_entropy`` already computes -log p(label) from each TP rank's
-vocabulary slice with two all-reduces (max and sum-exp) and no gather. It upcasts its input to fp32,
-so we feed it the sequence in chunks under activation checkpointing: at most one chunk's fp32 copy
-[chunk, batch, vocab / TP] exists at a time, forward or backward, instead of the whole sequence.
+vocabulary slice with two all-reduces (max and sum-exp) and no gather. It works in fp32 and edits
+its input in place (``.float()`` of an fp32 tensor is the tensor itself), so each chunk is handed
+over as a fresh contiguous fp32 copy: the model's logits stay intact for autograd and for the
+recomputation, and a chunk sliced out of a batch of several rows (not contiguous) can be viewed as
+2-D. We feed it the sequence in chunks under activation checkpointing: at most one chunk's fp32 copy
+[batch, chunk, vocab / TP] exists at a time, forward or backward, instead of the whole sequence.
 Logits of padded vocabulary rows (ids >= the tokenizer's vocabulary) are masked out first, so the
 distribution equals the Hugging Face model's exactly.
 """
@@ -18,10 +21,11 @@ def _chunk_logprobs(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     local_vocab = logits.shape[-1]
+    work = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     if vocab_start + local_vocab > true_vocab:
         ids = torch.arange(vocab_start, vocab_start + local_vocab, device=logits.device)
-        logits = logits.masked_fill(ids >= true_vocab, float("-inf"))
-    return -vocab_parallel_cross_entropy(logits, labels)
+        work = work.masked_fill_(ids >= true_vocab, float("-inf"))
+    return -vocab_parallel_cross_entropy(work, labels)
 
 
 def token_logprobs(
@@ -32,7 +36,6 @@ def token_logprobs(
 
     rank = parallel_state.get_tensor_model_parallel_rank()
     vocab_start = rank * logits.shape[-1]
-    # vocab_parallel_cross_entropy modifies buffers derived from its input; chunks keep views apart.
     labels = labels.clamp(min=0)
     seq = logits.shape[1]
     if seq <= chunk_size or not torch.is_grad_enabled():

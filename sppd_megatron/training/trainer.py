@@ -165,18 +165,35 @@ def microbatches(examples: list, indices: list[int], cfg: TrainConfig, pad_id: i
 
 
 def run_forward_backward(model, step_fn, batches: list[dict], cfg: TrainConfig, forward_only: bool) -> list[dict]:
+    """Megatron's schedule over ``batches``; their reports in order (on the last pipeline stage).
+
+    Pipeline stages exchange activations of one shape [seq, micro-batch rows, hidden] per call, so
+    a forward-only pass whose last micro-batch is short runs it in a call of its own. A training
+    step must be one call (its gradients accumulate there); its micro-batches are always full
+    because the global batch is a multiple of micro-batch size x data-parallel size.
+    """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    rows = batches[0]["tokens"].shape[0]
-    return get_forward_backward_func()(
-        forward_step_func=step_fn,
-        data_iterator=iter(batches),
-        model=[model],
-        num_microbatches=len(batches),
-        seq_length=cfg.data.max_length,
-        micro_batch_size=rows,
-        forward_only=forward_only,
-    )
+    runs: list[list[dict]] = []
+    for batch in batches:
+        if runs and runs[-1][0]["tokens"].shape[0] == batch["tokens"].shape[0]:
+            runs[-1].append(batch)
+        else:
+            runs.append([batch])
+    if len(runs) > 1 and not forward_only:
+        raise ValueError(f"micro-batches of one training step differ in size: {[len(r[0]['tokens']) for r in runs]}")
+    reports: list[dict] = []
+    for run in runs:
+        reports += get_forward_backward_func()(
+            forward_step_func=step_fn,
+            data_iterator=iter(run),
+            model=[model],
+            num_microbatches=len(run),
+            seq_length=cfg.data.max_length,
+            micro_batch_size=run[0]["tokens"].shape[0],
+            forward_only=forward_only,
+        )
+    return reports
 
 
 # --- reference log-probs --------------------------------------------------------------------------

@@ -85,16 +85,22 @@ def test_dpo_variants_formula_and_gradcheck(variant):
     assert torch.autograd.gradcheck(fn, (pc, pr))
 
 
-def test_sft_loss_is_masked_token_mean():
+@pytest.mark.parametrize("reduction", ["token", "sequence"])
+def test_sft_loss_reductions(reduction):
     logps = -torch.rand(3, 7, dtype=torch.float64)
     mask = torch.zeros(3, 7, dtype=torch.float64)
     mask[0, 2:5] = 1
     mask[1, 0:7] = 1
     mask[2, 6] = 1
-    loss, _ = losses.sft_loss(logps, mask)
-    for i in range(3):
-        sel = logps[i][mask[i] == 1]
-        assert loss[i].item() == pytest.approx(-sel.mean().item())
+    loss, weight, _ = losses.sft_loss(logps, mask, reduction)
+    selected = [logps[i][mask[i] == 1] for i in range(3)]
+    if reduction == "token":  # the mean over all 11 response tokens
+        expected = -torch.cat(selected).mean()
+    else:  # the mean of the three responses' means
+        expected = -torch.stack([s.mean() for s in selected]).mean()
+    assert (loss.sum() / weight.sum()).item() == pytest.approx(expected.item())
+    with pytest.raises(ValueError, match="unknown SFT reduction"):
+        losses.sft_loss(logps, mask, "batch")
 
 
 def test_svpo_terms_and_gradients():

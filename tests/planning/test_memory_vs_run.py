@@ -3,7 +3,7 @@
 Each launch trains one step of a tiny recipe under torchrun with ``tools/plan_memory.py --measure``,
 which records per rank the parameter, main-grad and optimizer-state bytes and the peak of tensors
 saved for backward (sppd_megatron/planning/measure.py). Weights, grads and optimizer state must match
-exactly; activations are an estimate and only checked loosely.
+exactly; activations are an estimate, asserted within 5% (``pytest -s`` prints each rank's difference).
 """
 
 from __future__ import annotations
@@ -28,10 +28,15 @@ def _measure(tmp_path: Path, recipe: str, nproc: int, overrides: list[str]) -> l
 
 
 def _check_activations(rows: list[dict]) -> None:
+    """The planned activations + logits within 5% of the measured peak (docs and README claim this)."""
     for row in rows:
         planned = row["planned"]["activations+logits"]
         measured = row["rank"]["activations_saved_peak"]
-        assert 0.8 * measured <= planned <= 1.2 * measured, (planned, measured)
+        r = row["rank"]
+        print(f"\ntp{r['tp_rank']} pp{r['pp_rank']} dp{r['dp_rank']}: activations+logits planned "
+              f"{planned / 2**20:.2f} MiB, saved-for-backward peak {measured / 2**20:.2f} MiB "
+              f"({planned / measured - 1:+.1%})")
+        assert abs(planned - measured) <= 0.05 * measured, (planned, measured)
 
 
 @pytest.mark.distributed

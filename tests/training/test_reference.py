@@ -27,7 +27,7 @@ def _losses(out: Path) -> list[float]:
 def test_three_ways_to_the_reference_agree(tmp_path):
     common = ["schedule.train_steps=4", "checkpoint.save_final=false", "logging.progress=false"]
     stored = tmp_path / "pairs_with_ref.jsonl"
-    _cli("precompute-ref", CONFIG, "--out", str(stored))
+    _cli("precompute-ref", CONFIG, "--out", str(stored), "logging.progress=false")  # overrides after --out
     records = list(read_jsonl(stored, PreferencePair))
     assert len(records) == 32 and all(r.ref_chosen_logp is not None and r.ref_rejected_logp is not None for r in records)
 

@@ -7,7 +7,7 @@ its tail goes through the model. Segments chain to their parent segment, so a pr
 many branches is stored once.
 
 Hand-written because the only maintained implementation (sglang.srt.mem_cache.radix_cache) comes
-with SGLang's CUDA stack, which does not install on a CPU machine (docs/platform.md).
+with SGLang's CUDA stack, which does not install on a CPU machine (docs/platform-notes.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """SGLang rollouts for GPU clusters: ``sglang.Engine`` with its radix cache sharing every common prefix.
 
-SGLang cannot run on the CPU machine this project is tested on (docs/platform.md): only the
+SGLang cannot run on the CPU machine this project is tested on (docs/platform-notes.md): only the
 request/response translation below is unit-tested, with fakes. The radix cache keeps prefixes
 across calls too, so a question's prompt and upper steps are computed about once per tree.
 Data parallelism is SGLang's own (``dp_size`` replicas behind one Engine, each ``tp_size`` GPUs).

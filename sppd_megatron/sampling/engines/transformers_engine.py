@@ -4,7 +4,7 @@ Requests with the same context (the C siblings of an expansion) share one prefil
 minus its last token goes through the model once, its KV cache is copied to every branch, and all
 branches of all contexts decode together in one batch. Contexts of different lengths are
 left-padded in the cache with zeros that the attention mask hides, so no padding is ever run
-through the model (docs/platform.md measured this layout 1.7x faster than repeating the prefix).
+through the model, and no branch repeats its siblings' prefill.
 Across calls, a token trie of KV segments (:mod:`.prefix_cache`) keeps every context and step the
 engine computed, so expanding a tree node prefills nothing its parent's request already ran.
 

