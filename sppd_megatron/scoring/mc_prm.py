@@ -61,6 +61,8 @@ class MonteCarloPRM(BatchedPRM):
         # state key -> (context text, gold); values filled below
         states: dict[tuple[str, str], str] = {}
         values: dict[tuple[str, str], float] = {}
+        # A question's rollouts all extend its prompt: engines with replicas keep them on one (prefix cache).
+        affinity: dict[tuple[str, str], str] = {}
         for q in queries:
             if q.gold_answer is None:
                 raise ValueError(f"the Monte-Carlo PRM needs the gold answer (question {q.question[:60]!r})")
@@ -75,6 +77,7 @@ class MonteCarloPRM(BatchedPRM):
                     values[key] = float(grade(state_text, q.gold_answer))
                 else:
                     states[key] = state_text
+                    affinity[key] = f"{zlib.crc32(context.encode()):08x}"
         requests, owners = [], []
         for key in states:
             context_ids = self.tokenizer(key[0], add_special_tokens=False)["input_ids"]
@@ -86,6 +89,7 @@ class MonteCarloPRM(BatchedPRM):
                         temperature=cfg.temperature,
                         top_p=cfg.top_p,
                         seed=self._seed(key[0], i),
+                        affinity=affinity[key],
                     )
                 )
                 owners.append(key)
