@@ -47,9 +47,9 @@ class EngineConfig:
     (``data_parallel_rank``), so its radix cache holds the question's prompt and upper steps."""
     deterministic: bool = True
     """sglang: ``enable_deterministic_inference``, without which SGLang ignores each request's
-    ``sampling_seed``: trees are then reproducible from the config (SGLang's docs put the cost at about a
-    third of the throughput; with the flashinfer attention backend it also turns the radix cache off,
-    fa3 and triton keep it). False: faster, and every run samples different trees; resuming stays
+    ``sampling_seed``: trees are then reproducible from the config (SGLang's docs measure about 34%
+    overhead; with the flashinfer attention backend it also turns the radix cache off, fa3 and triton
+    keep it). False: faster, and every run samples different trees; resuming stays
     correct either way, since trees on disk are never re-sampled. transformers and vllm always honour
     the per-request seed."""
     mem_fraction: float = 0.85

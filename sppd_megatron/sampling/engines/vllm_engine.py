@@ -115,9 +115,13 @@ def _serve(conn, backend: Callable[..., VLLMGenerator], llm_kwargs: dict[str, An
         if requests is None:
             break
         try:
-            conn.send(("ok", generator.generate(requests)))
+            reply = ("ok", generator.generate(requests))
         except Exception as exc:
-            conn.send(("error", _describe(exc)))
+            reply = ("error", _describe(exc))
+        try:
+            conn.send(reply)
+        except OSError:  # the parent is gone
+            break
     # Collect the LLM now, while the interpreter is whole, so vLLM's finalizers stop its own processes.
     del generator
     gc.collect()
@@ -178,7 +182,7 @@ class VLLMEngine:
     def _died(self) -> RuntimeError:
         process = self.process
         self.close()
-        return RuntimeError(f"the vLLM child process died (exit status {process.exitcode}); its log is above")
+        return RuntimeError(f"the vLLM child process died (exit status {process.exitcode}); its output went to this process's stderr")
 
     def _receive(self) -> Any:
         try:
