@@ -22,9 +22,10 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--tp", type=int, default=1, help="tensor parallel size to validate and record (loads at any)")
     h.add_argument("--pp", type=int, default=1, help="pipeline parallel size to validate and record (loads at any)")
     h.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="stored weights: auto = bf16 for bf16 sources, else fp32")
-    h.add_argument("--mapper", choices=["auto", "builtin", "bridge"], default="auto",
-                   help="auto: megatron-bridge when usable (GPU, under torchrun), else the built-in streaming mapping")
+                   help="stored weights: auto = the source's torch_dtype (bf16 stays bf16; fp32 and fp16 become fp32)")
+    h.add_argument("--mapper", choices=["builtin", "bridge"], default="builtin",
+                   help="builtin: the streaming mapping (tested, CPU or GPU); bridge: megatron-bridge, "
+                        "under torchrun --nproc-per-node TP*PP on a GPU machine with megatron-bridge installed")
     h.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     m = sub.add_parser("mcore-to-hf", help="sppd-megatron checkpoint -> Hugging Face directory")
     m.add_argument("--ckpt", required=True, help="sppd-megatron checkpoint directory (with sppd_model.json)")
@@ -39,18 +40,14 @@ def _parser() -> argparse.ArgumentParser:
 def _hf_to_mcore(args) -> str:
     from sppd_megatron.conversion.hf_to_mcore import HfToMcoreOptions, convert_hf_to_mcore
 
-    if args.mapper != "builtin":
-        from sppd_megatron.conversion.bridge import bridge_usable, convert_hf_to_mcore_with_bridge
-
-        if bridge_usable():
-            dtype = "fp32" if args.dtype == "auto" else args.dtype
-            return str(convert_hf_to_mcore_with_bridge(args.hf, args.out, args.tp, args.pp, dtype))
-        if args.mapper == "bridge":
-            raise ConversionError("--mapper bridge: megatron-bridge is not usable here (needs CUDA); use --mapper builtin")
     options = HfToMcoreOptions(
         tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp, dtype=args.dtype,
         overwrite=args.overwrite,
     )
+    if args.mapper == "bridge":
+        from sppd_megatron.conversion.bridge import convert_hf_to_mcore_with_bridge
+
+        return str(convert_hf_to_mcore_with_bridge(args.hf, args.out, options))
     return str(convert_hf_to_mcore(args.hf, args.out, options))
 
 

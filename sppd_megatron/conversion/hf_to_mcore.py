@@ -42,7 +42,7 @@ class HfToMcoreOptions:
     pipeline_model_parallel_size: int = 1
     """As above, for pipeline stages."""
     dtype: str = "auto"
-    """fp32, bf16, or auto: bf16 when the source is bf16, else fp32 (exact for fp32/fp16 sources)."""
+    """fp32, bf16, or auto: the source's ``torch_dtype`` (config.json), with fp16 stored as fp32 (exactly)."""
     overwrite: bool = False
     """Replace an existing non-empty output directory."""
 
@@ -56,12 +56,36 @@ def check_parallel_layout(model_cfg: ModelConfig, tp: int, pp: int, where: str) 
         raise ConversionError(f"{where}: {exc}") from None
 
 
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty ``out`` unless ``overwrite`` (checked before anything is read or written)."""
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConversionError(f"{out}: output directory is not empty; pass --overwrite or choose another --out")
+
+
 def prepare_output_dir(out: Path, overwrite: bool) -> None:
+    check_output_dir(out, overwrite)
     if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ConversionError(f"{out}: output directory is not empty; pass --overwrite or choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def resolve_dtype(choice: str, hf_config: dict) -> str:
+    """The stored dtype: ``fp32``/``bf16`` as asked; ``auto``: bf16 for a bf16 source, else fp32."""
+    if choice not in ("auto", "fp32", "bf16"):
+        raise ConversionError(f"--dtype {choice!r}: choose fp32, bf16 or auto")
+    if choice != "auto":
+        return choice
+    return "bf16" if hf_source_dtype(hf_config) == torch.bfloat16 else "fp32"
+
+
+def plan_conversion(hf_dir: Path, out: Path, options: HfToMcoreOptions) -> tuple[dict, ModelConfig, str]:
+    """What every mapper checks before writing: (config.json, its ModelConfig, the stored dtype name)."""
+    hf_config, model_cfg = read_hf_config(hf_dir)
+    tp, pp = options.tensor_model_parallel_size, options.pipeline_model_parallel_size
+    check_parallel_layout(model_cfg, tp, pp, str(hf_dir / "config.json"))
+    dtype_name = resolve_dtype(options.dtype, hf_config)
+    check_output_dir(out, options.overwrite)
+    return hf_config, model_cfg, dtype_name
 
 
 def _check_weights_fit(reader: HFTensorReader, model_cfg: ModelConfig) -> None:
@@ -81,14 +105,7 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, options: HfToMc
     """Write ``out_dir`` (sppd_model.json + model/ + tokenizer/) from a HF checkpoint directory."""
     options = options or HfToMcoreOptions()
     hf_dir, out = Path(hf_dir), Path(out_dir)
-    hf_config, model_cfg = read_hf_config(hf_dir)
-    tp, pp = options.tensor_model_parallel_size, options.pipeline_model_parallel_size
-    check_parallel_layout(model_cfg, tp, pp, str(hf_dir / "config.json"))
-    if options.dtype not in ("auto", "fp32", "bf16"):
-        raise ConversionError(f"--dtype {options.dtype!r}: choose fp32, bf16 or auto")
-    dtype_name = options.dtype
-    if dtype_name == "auto":
-        dtype_name = "bf16" if hf_source_dtype(hf_config) == torch.bfloat16 else "fp32"
+    hf_config, model_cfg, dtype_name = plan_conversion(hf_dir, out, options)
     with HFTensorReader(hf_dir) as reader:
         _check_weights_fit(reader, model_cfg)
         prepare_output_dir(out, options.overwrite)
@@ -103,7 +120,7 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, options: HfToMc
         source=str(hf_dir.resolve()),
         dtype=dtype_name,
         hf_config=hf_config,
-        suggested_parallel=(tp, pp),
+        suggested_parallel=(options.tensor_model_parallel_size, options.pipeline_model_parallel_size),
     )
     return out
 

@@ -161,11 +161,12 @@ class _Run:
         rendered = [render_prompt(self.template, self.tokenizer, p.question) for p in group]
         requests: list[GenerationRequest] = []
         for p, (_, ids) in zip(group, rendered):
+            affinity = f"{benchmark}/{p.id}"  # a question's solutions share its prompt: one replica serves them
             if plan.greedy:
                 requests.append(GenerationRequest(ids, self.max_new_tokens, temperature=0.0,
-                                                  seed=sample_seed(self.seed, benchmark, p.id, -1)))
+                                                  seed=sample_seed(self.seed, benchmark, p.id, -1), affinity=affinity))
             requests += [GenerationRequest(ids, self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                                           seed=sample_seed(self.seed, benchmark, p.id, k))
+                                           seed=sample_seed(self.seed, benchmark, p.id, k), affinity=affinity)
                          for k in range(plan.num_samples)]
         engine = self.get_engine()
         reset = getattr(engine, "reset_prefix_cache", None)

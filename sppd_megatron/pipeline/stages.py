@@ -112,7 +112,8 @@ def sample_stage(cfg: RunConfig, stage_dir: Path, policy_hf: str, log: Log) -> s
 
         summary = run_sampling(sample_cfg)
         log(f"[sample] {summary['written']} trees written ({summary['already_done']} already there), "
-            f"{summary['generated_tokens']} tokens in {summary['seconds']:.1f}s")
+            f"{summary['generated_tokens']} tokens in {summary['seconds']:.1f}s, prefix cache hit rate "
+            f"{summary['cache_hit_rate']:.1%}")
         return {"trees": stage_dir / "trees"}
 
     return run_stage(stage_dir, "sample", config_to_dict(sample_cfg),

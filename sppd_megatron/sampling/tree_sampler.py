@@ -54,6 +54,11 @@ class RoundStats:
         """Tokens the engine actually ran through the model: uncached context plus generated."""
         return self.context_tokens - self.cached_prefix_tokens + self.generated_tokens
 
+    @property
+    def cache_hit_rate(self) -> float:
+        """Share of context tokens served by the engine's prefix cache (SGLang: ``cached_tokens``)."""
+        return self.cached_prefix_tokens / self.context_tokens if self.context_tokens else 0.0
+
     def add(self, requests: list[GenerationRequest], generations: list[Generation]) -> None:
         self.requests += len(requests)
         self.context_tokens += sum(len(r.context_ids) for r in requests)
@@ -122,7 +127,8 @@ class _GrowingTree:
         context = self.context_ids(leaf)
         return [
             GenerationRequest(context_ids=context, max_new_tokens=budget, temperature=temperature,
-                              top_p=top_p, stop=list(stop), seed=derive_seed(self.question_seed, leaf, j))
+                              top_p=top_p, stop=list(stop), seed=derive_seed(self.question_seed, leaf, j),
+                              affinity=self.prompt.id)
             for j in range(self.cfg.C)
         ]
 

@@ -62,6 +62,8 @@ class MonteCarloPRM(BatchedPRM):
         # state key -> (context text, gold); values filled below
         states: dict[tuple[str, str], str] = {}
         values: dict[tuple[str, str], float] = {}
+        # A question's rollouts all extend its prompt: engines with replicas keep them on one (prefix cache).
+        affinity: dict[tuple[str, str], str] = {}
         for q in queries:
             if q.gold_answer is None:
                 raise ValueError(f"the Monte-Carlo PRM needs the gold answer (question {q.question[:60]!r})")
@@ -76,6 +78,7 @@ class MonteCarloPRM(BatchedPRM):
                     values[key] = float(grade(state_text, q.gold_answer))
                 else:
                     states[key] = state_text
+                    affinity[key] = f"{zlib.crc32(context.encode()):08x}"
         requests, owners = [], []
         for key in states:
             context_ids = encode(self.tokenizer, key[0])
@@ -87,6 +90,7 @@ class MonteCarloPRM(BatchedPRM):
                         temperature=cfg.temperature,
                         top_p=cfg.top_p,
                         seed=self._seed(key[0], i),
+                        affinity=affinity[key],
                     )
                 )
                 owners.append(key)

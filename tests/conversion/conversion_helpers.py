@@ -31,6 +31,17 @@ def make_tiny_hf(out: Path, name: str) -> Path:
     return out
 
 
+def one_line_error(capsys, argv: list[str]) -> str:
+    """``convert ARGV`` fails with exit status 2 and one line, ``error: ...``; returns that line."""
+    from sppd_megatron.conversion.cli import main as convert
+
+    assert convert(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
 def hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

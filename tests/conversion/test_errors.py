@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 
 from sppd_megatron.config import config_to_dict
-from sppd_megatron.conversion.cli import main as convert
 from sppd_megatron.conversion.errors import ConversionError
 from sppd_megatron.conversion.mcore_checkpoint import (
     META_FILE,
@@ -16,15 +15,7 @@ from sppd_megatron.conversion.mcore_checkpoint import (
 )
 from sppd_megatron.models.config import ModelConfig, model_config_from_hf
 
-from conversion_helpers import make_tiny_hf
-
-
-def one_line_error(capsys, argv: list[str]) -> str:
-    assert convert(argv) == 2
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
+from conversion_helpers import make_tiny_hf, one_line_error
 
 
 @pytest.fixture(scope="module")

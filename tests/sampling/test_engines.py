@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
 from types import SimpleNamespace
 
 import pytest
@@ -9,10 +11,18 @@ import torch
 from sppd_megatron.sampling.config import EngineConfig
 from sppd_megatron.sampling.engines import RolloutEngine, build_engine
 from sppd_megatron.sampling.engines.base import GenerationRequest
+from sppd_megatron.sampling.engines import sglang_engine
 from sppd_megatron.sampling.engines.sglang_engine import SGLangEngine, generation_from_sglang, sglang_sampling_params
 from sppd_megatron.sampling.engines.transformers_engine import TransformersEngine, _sample_rows
-from sppd_megatron.sampling.engines.vllm_engine import VLLMEngine, generation_from_vllm, vllm_sampling_params
+from sppd_megatron.sampling.engines.vllm_engine import (
+    VLLMEngine,
+    VLLMGenerator,
+    generation_from_vllm,
+    vllm_sampling_params,
+)
 from sppd_megatron.sampling.logprobs import teacher_forced_logprobs
+
+from .fake_engines import FakeSGLangEngineOldName, fake_sglang, fake_vllm_generator
 
 
 def _requests(tokenizer, **kw):
@@ -69,9 +79,14 @@ def test_inverse_cdf_sampling_respects_top_p():
 
 def test_sglang_translation():
     req = GenerationRequest([1, 2, 3], max_new_tokens=5, temperature=0.7, top_p=0.9, stop=["\n\n"], seed=11)
-    params = sglang_sampling_params(req)
+    params = sglang_sampling_params(req, seeded=True)
     assert params == {"max_new_tokens": 5, "temperature": 0.7, "top_p": 0.9, "stop": ["\n\n"], "no_stop_trim": True,
                       "skip_special_tokens": True, "sampling_seed": 11}
+    # SGLang ignores the seed without deterministic inference: then it is not sent.
+    assert "sampling_seed" not in sglang_sampling_params(req, seeded=False)
+    # Our seeds are 63-bit; SGLang keeps seeds in an int32 tensor.
+    big = GenerationRequest([1], 5, seed=2**62 + 2**31 + 5)
+    assert sglang_sampling_params(big, seeded=True)["sampling_seed"] == 5
     out = {"text": "ab\n\n", "output_ids": [5, 6, 7],
            "meta_info": {"output_token_logprobs": [(-0.1, 5, "a"), (-0.2, 6, "b"), (-0.3, 7, "\n\n")],
                          "finish_reason": {"type": "stop", "matched": "\n\n"}, "cached_tokens": 3}}
@@ -86,13 +101,97 @@ def test_sglang_translation():
     with pytest.raises(RuntimeError, match="abort"):
         generation_from_sglang(out)
 
-    class FakeEngine:
-        def generate(self, input_ids, sampling_params, return_logprob):
-            assert return_logprob and input_ids == [[1, 2, 3]] and sampling_params == [params]
-            out["meta_info"]["finish_reason"] = {"type": "length"}
-            return [out]
 
-    assert SGLangEngine("m", engine=FakeEngine()).generate([req])[0].finish_reason == "length"
+@pytest.fixture
+def sglang_module(monkeypatch):
+    """``sglang`` replaced by the fake; SGLangEngine's environment variable restored afterwards."""
+    monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", "1")
+    module = fake_sglang()
+    monkeypatch.setattr(sglang_engine, "_import_sglang", lambda: module)
+    return module
+
+
+def _sample_with(engine, tokenizer, template, n_questions=8, **cfg):
+    from sppd_megatron.records import Prompt
+    from sppd_megatron.sampling.tree_sampler import TreeSampler
+
+    from .helpers import small_config
+
+    prompts = [Prompt(id=f"q{i}", question=f"What is {i}+{i}?", gold_answer=str(2 * i)) for i in range(n_questions)]
+    sampler = TreeSampler(engine, tokenizer, small_config(questions_per_round=n_questions, **cfg), template)
+    return sampler, sampler.sample(prompts)
+
+
+def test_sglang_sends_every_request_of_a_question_to_one_replica(sglang_module, tokenizer, template, monkeypatch):
+    cfg = EngineConfig(name="sglang", dp_size=4)
+    engine = build_engine(cfg, "/models/policy", tokenizer, tokenizer_path="builtin:char")
+    fake = sglang_module.built[0]
+    assert fake.server_args["dp_size"] == 4 and fake.server_args["enable_deterministic_inference"] is True
+    sampler, trees = _sample_with(engine, tokenizer, template)
+
+    def by_question(routed):
+        out: dict[str, list[tuple[int, list[int], int]]] = {}
+        for replica, ids, cached in routed:
+            question = next(t.id for t in trees if ids[:len(t.nodes[0].token_ids)] == t.nodes[0].token_ids)
+            out.setdefault(question, []).append((replica, ids, cached))
+        return out
+
+    routed = by_question(fake.routed)
+    assert sorted(routed) == [t.id for t in trees]
+    assert all(len({replica for replica, _, _ in reqs}) == 1 for reqs in routed.values())
+    # Replicas are dealt out in order of first appearance: 8 questions, 2 on each of the 4.
+    assert sorted(reqs[0][0] for reqs in routed.values()) == [0, 0, 1, 1, 2, 2, 3, 3]
+    # So after a question's first request, its replica's radix cache holds every context but the last token.
+    assert all(cached == len(ids) - 1 for reqs in routed.values() for _, ids, cached in reqs[1:])
+    # The sampling stats report the radix cache's hits (meta_info cached_tokens) as a rate.
+    stats = sampler.stats
+    assert stats.context_tokens == sum(len(ids) for _, ids, _ in fake.routed)
+    assert stats.cached_prefix_tokens == sum(cached for _, _, cached in fake.routed)
+    assert stats.cache_hit_rate == stats.cached_prefix_tokens / stats.context_tokens
+    engine.close()
+    assert fake.shut_down
+
+    # SGLang's own round-robin (no routing) scatters a question's rounds over the replicas: the same
+    # trees, and more than twice the context tokens computed again.
+    scattered = build_engine(cfg, "/models/policy", tokenizer, tokenizer_path="builtin:char")
+    monkeypatch.setattr(scattered, "_replica", lambda affinity: None)
+    baseline, baseline_trees = _sample_with(scattered, tokenizer, template)
+    assert [t.nodes for t in baseline_trees] == [t.nodes for t in trees]
+    assert any(cached < len(ids) - 1 for reqs in by_question(sglang_module.built[1].routed).values()
+               for _, ids, cached in reqs[1:])
+    missed = stats.context_tokens - stats.cached_prefix_tokens
+    assert baseline.stats.context_tokens - baseline.stats.cached_prefix_tokens > 2 * missed
+
+
+def test_sglang_routing_with_the_older_argument_name(monkeypatch, tokenizer):
+    monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", "1")
+    module = fake_sglang(FakeSGLangEngineOldName)
+    monkeypatch.setattr(sglang_engine, "_import_sglang", lambda: module)
+    engine = SGLangEngine("/models/policy", "builtin:char", dp_size=2)
+    reqs = [GenerationRequest([5, 6, 7, 10 + i], 4, seed=i, affinity=f"q{i % 3}") for i in range(6)]
+    gens = engine.generate(reqs)
+    assert len(gens) == 6 and all(g.token_ids for g in gens)
+    # q0 -> replica 0, q1 -> 1, q2 -> 0 (first come, round-robin).
+    replica_of = {ids[-1] - 10: replica for replica, ids, _ in module.built[0].routed}
+    assert [replica_of[i] for i in range(6)] == [0, 1, 0, 0, 1, 0]
+    # Results come back in request order: a request alone gets what it got in the batch (same seed).
+    assert engine.generate([reqs[4]])[0].token_ids == gens[4].token_ids
+
+
+def test_sglang_seeds_take_effect_only_with_deterministic_inference(sglang_module, tokenizer, template):
+    def trees(deterministic: bool):
+        cfg = EngineConfig(name="sglang", dp_size=2, deterministic=deterministic)
+        engine = build_engine(cfg, "/models/policy", tokenizer, tokenizer_path="builtin:char")
+        _, out = _sample_with(engine, tokenizer, template, n_questions=4)
+        engine.close()
+        return [[n.token_ids for n in t.nodes] for t in out]
+
+    assert trees(True) == trees(True)
+    assert trees(False) != trees(False)
+    seeded, _, unseeded, _ = sglang_module.built
+    assert "enable_deterministic_inference" not in unseeded.server_args
+    with pytest.raises(ValueError, match="enable_deterministic_inference comes from engine.deterministic"):
+        EngineConfig(name="sglang", extra={"enable_deterministic_inference": True})
 
 
 def test_vllm_translation():
@@ -118,8 +217,38 @@ def test_vllm_translation():
             completion.logprobs = [{5: lp(-0.5)}, {2: lp(-0.25)}]
             return [output]
 
-    engine = VLLMEngine("m", llm=FakeLLM(), sampling_params_cls=lambda **kw: kw, tokens_prompt_cls=lambda **kw: kw)
-    assert engine.generate([req])[0].token_ids == [5, 2]
+    generator = VLLMGenerator(FakeLLM(), lambda **kw: kw, lambda **kw: kw)
+    assert generator.generate([req])[0].token_ids == [5, 2]
+
+
+def test_vllm_runs_in_a_child_process_that_close_ends():
+    reqs = [GenerationRequest([5, 6, 7], 4, seed=s) for s in (1, 2, 1)]
+    engine = VLLMEngine("/models/policy", backend=fake_vllm_generator)
+    child = engine.process
+    gens = engine.generate(reqs)
+    assert gens[0].token_ids == gens[2].token_ids != gens[1].token_ids
+    assert [g.cached_prefix_tokens for g in gens] == [0, 3, 3]
+    engine.close()
+    # The child has exited (that is what returns vLLM's GPU memory), cleanly, and close() can be repeated.
+    assert not child.is_alive() and child.exitcode == 0
+    engine.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.generate(reqs)
+    # The next engine starts in the same process, as run's next stage does.
+    again = VLLMEngine("/models/next", backend=fake_vllm_generator)
+    assert again.generate(reqs[:1])[0].token_ids == gens[0].token_ids
+    again.close()
+
+
+def test_vllm_child_failures_raise_instead_of_hanging():
+    with pytest.raises(RuntimeError, match="not a valid model identifier"):
+        VLLMEngine("missing", backend=fake_vllm_generator)
+    engine = VLLMEngine("/models/policy", backend=fake_vllm_generator)
+    child = engine.process
+    os.kill(child.pid, signal.SIGKILL)  # e.g. the kernel's OOM killer
+    with pytest.raises(RuntimeError, match="died"):
+        engine.generate([GenerationRequest([5], 2, seed=1)])
+    assert not child.is_alive() and engine.process is None
 
 
 def _absent(package: str):

@@ -25,12 +25,13 @@ def build_engine(engine_cfg, model: str, tokenizer, tokenizer_path: str | None =
         from sppd_megatron.sampling.engines.sglang_engine import SGLangEngine
 
         return SGLangEngine(model, tokenizer_path, tp_size=engine_cfg.tp_size, dp_size=engine_cfg.dp_size,
-                            mem_fraction=engine_cfg.mem_fraction, extra=engine_cfg.extra)
+                            mem_fraction=engine_cfg.mem_fraction, dtype=engine_cfg.dtype,
+                            deterministic=engine_cfg.deterministic, extra=engine_cfg.extra)
     if engine_cfg.name == "vllm":
         from sppd_megatron.sampling.engines.vllm_engine import VLLMEngine
 
         return VLLMEngine(model, tokenizer_path, tp_size=engine_cfg.tp_size, mem_fraction=engine_cfg.mem_fraction,
-                          extra=engine_cfg.extra)
+                          dtype=engine_cfg.dtype, extra=engine_cfg.extra)
     raise ValueError(f"unknown engine {engine_cfg.name!r}; one of {ENGINE_NAMES}")
 
 

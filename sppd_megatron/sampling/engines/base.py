@@ -17,7 +17,9 @@ class GenerationRequest:
 
     Generation stops after the first occurrence of any ``stop`` string (kept in the output), at
     EOS, or at the token limit. ``seed`` makes the request's sampling reproducible on its own,
-    whatever else is in the batch; ``temperature`` 0 means greedy.
+    whatever else is in the batch; ``temperature`` 0 means greedy. ``affinity`` names the group of
+    requests that share a long prefix (one question): an engine with several replicas serves a
+    group from one replica, whose prefix cache then holds the group's prompt and upper steps.
     """
 
     context_ids: list[int]
@@ -26,6 +28,7 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    affinity: str | None = None
 
 
 @dataclass
@@ -40,7 +43,7 @@ class Generation:
     token_logprobs: list[float]
     text: str
     finish_reason: Literal["stop", "eos", "length"]
-    cached_prefix_tokens: int = 0  # context tokens the engine did not recompute (for benchmarks)
+    cached_prefix_tokens: int = 0  # context tokens served from the engine's prefix cache, not recomputed
 
 
 @runtime_checkable
