@@ -40,7 +40,7 @@ def child(mode: str, out: str, hidden: int, layers: int, steps: int) -> None:
     ])
     if mode == "baseline":  # import + build one policy, no training: the runtime's own footprint
         from sppd_megatron.parallel import state as pstate
-        from sppd_megatron.training.trainer import build_policy, resolve_model_and_tokenizer
+        from sppd_megatron.training.model import build_policy, resolve_model_and_tokenizer
 
         pstate.initialize(cfg.parallel, seed=0)
         build_policy(cfg, resolve_model_and_tokenizer(cfg)[0])

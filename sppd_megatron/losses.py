@@ -52,28 +52,26 @@ def _preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Met
     }
 
 
-def sft_loss(token_logps: Tensor, loss_mask: Tensor,
+def sft_loss(sum_logps: Tensor, num_tokens: Tensor,
              reduction: Literal["token", "sequence"] = "token") -> tuple[Tensor, Tensor, Metrics]:
     """Next-token NLL on response tokens: ``(per_sequence_loss, weight, metrics)``.
 
-    The batch's loss is ``sum(per_sequence_loss) / sum(weight)`` over the global batch (every
-    micro-batch and data-parallel rank; the trainer hands both sums to Megatron):
+    ``sum_logps`` [batch] is each response's summed token log-prob, ``num_tokens`` [batch] its token
+    count (prompt and context tokens are never counted). The batch's loss is
+    ``sum(per_sequence_loss) / sum(weight)`` over the global batch (every micro-batch and
+    data-parallel rank; the trainer hands both sums to Megatron):
 
-    - ``token``: loss ``-sum(mask * logp)``, weight ``sum(mask)``: the mean NLL over all response
-      tokens of the batch, so a long response counts for more (Megatron's and TRL SFTTrainer's loss);
-    - ``sequence``: loss ``-sum(mask * logp) / sum(mask)``, weight 1: the mean over sequences of
-      each one's mean NLL, every response counting the same.
-
-    ``token_logps`` and ``loss_mask`` are [batch, seq]; prompt and context positions have mask 0.
+    - ``token``: loss ``-sum_logps``, weight ``num_tokens``: the mean NLL over all response tokens
+      of the batch, so a long response counts for more (Megatron's and TRL SFTTrainer's loss);
+    - ``sequence``: loss ``-sum_logps / num_tokens``, weight 1: the mean over sequences of each
+      one's mean NLL, every response counting the same.
     """
     if reduction not in SFT_REDUCTIONS:
         raise ValueError(f"unknown SFT reduction {reduction!r}; choose one of {SFT_REDUCTIONS}")
-    mask = loss_mask.to(token_logps.dtype)
-    tokens = mask.sum(-1)
-    nll_sum = -(token_logps * mask).sum(-1)
+    tokens = num_tokens.to(sum_logps.dtype)
     if reduction == "token":
-        return nll_sum, tokens, {"tokens": tokens}
-    return nll_sum / tokens.clamp(min=1), torch.ones_like(tokens), {"tokens": tokens}
+        return -sum_logps, tokens, {"tokens": tokens}
+    return -sum_logps / tokens.clamp(min=1), torch.ones_like(tokens), {"tokens": tokens}
 
 
 def dpo_loss(

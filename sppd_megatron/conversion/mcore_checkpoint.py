@@ -29,6 +29,7 @@ import torch
 from sppd_megatron.config import config_to_dict
 from sppd_megatron.conversion.errors import ConversionError
 from sppd_megatron.models.config import ModelConfig, RopeScaling
+from sppd_megatron.parallel.state import barrier
 
 META_FILE = "sppd_model.json"
 MODEL_SUBDIR = "model"
@@ -36,11 +37,6 @@ FORMAT_VERSION = 1
 
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 # --------------------------------------------------------------------------------------------- meta
@@ -158,7 +154,7 @@ def save_sharded_state_dict(sharded_state_dict, model_dir: str | Path, lazy=None
     model_dir = Path(model_dir)
     if _rank() == 0:
         model_dir.mkdir(parents=True, exist_ok=True)
-    _barrier()
+    barrier()
     dist_checkpointing.save(
         sharded_state_dict, str(model_dir), sharded_strategy=SyncTorchDistSaveStrategy(lazy=lazy)
     )
@@ -178,7 +174,7 @@ def save_model_checkpoint(
     ckpt = Path(ckpt_dir)
     if _rank() == 0:
         ckpt.mkdir(parents=True, exist_ok=True)
-    _barrier()
+    barrier()
     save_sharded_state_dict(model.sharded_state_dict(), ckpt / MODEL_SUBDIR)
     if _rank() == 0:
         from megatron.core import parallel_state
@@ -197,7 +193,7 @@ def save_model_checkpoint(
                 parallel_state.get_pipeline_model_parallel_world_size(),
             ),
         )
-    _barrier()
+    barrier()
     return ckpt
 
 

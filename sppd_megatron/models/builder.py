@@ -31,6 +31,12 @@ class PrecisionConfig:
     """TE fp8 scaling recipe, passed to TransformerConfig.fp8_recipe."""
     fp8_amax_history_len: int = 1024
     fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
+    attention: Literal["auto", "dense", "flex"] = "auto"
+    """Core attention under the tree masks of packed batches (data.packing other than none): ``dense``
+    applies megatron's [B, 1, S, S] mask in its local core attention (local layers only); ``flex``
+    swaps in FlexAttention with block masks (skips masked blocks, keeps no S x S scores; compiled on
+    GPUs); ``auto``: flex on a CUDA machine, dense otherwise. Padded batches keep the layer spec's
+    own causal core attention (TE's fused attention under transformer_engine)."""
 
     def __post_init__(self) -> None:
         if self.fp8 != "none" and self.transformer_impl == "local":
@@ -140,6 +146,30 @@ def build_transformer_config(model: ModelConfig, precision: PrecisionConfig, tp:
     return TransformerConfig(**kwargs), impl
 
 
+def resolve_attention(precision: PrecisionConfig, impl: str, tree_masks: bool) -> str:
+    """``default`` (the spec's own core attention), ``dense`` or ``flex`` for this model."""
+    if not tree_masks:
+        return "default"
+    attention = precision.attention
+    if attention == "auto":
+        attention = "flex" if torch.cuda.is_available() else "dense"
+    if attention == "dense" and impl == "transformer_engine":
+        raise RuntimeError("packed batches under TransformerEngine layers need precision.attention=flex (TE's "
+                           "core attention here takes causal masks only), or data.packing=none")
+    return "default" if attention == "dense" else "flex"
+
+
+def with_flex_attention(spec):
+    """``spec`` (a GPT layer ModuleSpec) with FlexAttention as its core attention."""
+    import copy
+
+    from sppd_megatron.models.attention import flex_core_attention_class
+
+    spec = copy.deepcopy(spec)
+    spec.submodules.self_attention.submodules.core_attention = flex_core_attention_class()
+    return spec
+
+
 def layer_spec(impl: str):
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
@@ -168,20 +198,22 @@ class ValueHead(torch.nn.Module):
 
 
 def build_gpt_model(model_cfg: ModelConfig, precision: PrecisionConfig, with_value_head: bool = False,
-                    seed: int = 0, device: str | torch.device | None = None):
+                    seed: int = 0, device: str | torch.device | None = None, tree_masks: bool = False):
     """This rank's pipeline stage of the policy (parallel_state must be initialised).
 
     Parameters are created uninitialised on ``device``: by default this rank's accelerator (the
     current CUDA device, as Megatron-LM's ``get_model`` places the model before DDP), or ``meta``
-    for a shapes-only model. The caller loads the weights.
+    for a shapes-only model. The caller loads the weights. ``tree_masks``: the model will be given
+    packed batches' masks (see ``PrecisionConfig.attention``). RoPE follows the ``position_ids`` given
+    to forward (:mod:`sppd_megatron.models.attention`).
 
     With ``with_value_head`` the last stage gets ``model.value_head`` and the decoder's final hidden
     states are kept in ``model.last_hidden_states`` after each forward (a forward hook), so the value
     head reads them without changing GPTModel's forward contract.
     """
     from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
 
+    from sppd_megatron.models.attention import positioned_gpt_model_class
     from sppd_megatron.parallel.state import accelerator_device
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -190,9 +222,12 @@ def build_gpt_model(model_cfg: ModelConfig, precision: PrecisionConfig, with_val
     device = accelerator_device() if device is None else torch.device(device)
     config, impl = build_transformer_config(model_cfg, precision, tp, pp, on_accelerator=device.type == "cuda")
     with torch.device(device):  # what Megatron creates without naming a device (norms, value head)
-        model = GPTModel(
+        spec = layer_spec(impl)
+        if resolve_attention(precision, impl, tree_masks) == "flex":
+            spec = with_flex_attention(spec)
+        model = positioned_gpt_model_class()(
             config=config,
-            transformer_layer_spec=layer_spec(impl),
+            transformer_layer_spec=spec,
             vocab_size=model_cfg.padded_vocab_size,
             max_sequence_length=model_cfg.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(),

@@ -102,5 +102,11 @@ def destroy() -> None:
         torch.distributed.destroy_process_group()
 
 
+def barrier() -> None:
+    """All ranks meet here (nothing to do in a run without torch.distributed)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def is_rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0

@@ -26,7 +26,7 @@ import torch
 
 from sppd_megatron.conversion import mcore_checkpoint as mcore
 from sppd_megatron.models.config import ModelConfig
-from sppd_megatron.parallel.state import is_rank0
+from sppd_megatron.parallel.state import barrier, is_rank0
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_SUBDIR = "optimizer"
@@ -48,22 +48,17 @@ def latest_step(root: Path) -> int | None:
     return step if (iter_dir(root, step) / STATE_FILE).is_file() else None
 
 
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def save(root: Path, step: int, model, optimizer, model_cfg: ModelConfig, tokenizer_spec: str,
          trainer_state: dict, keep_last: int = 0) -> Path:
     target = iter_dir(root, step)
     if is_rank0() and target.exists():
         shutil.rmtree(target)  # a partial save from a killed run
-    _barrier()
+    barrier()
     mcore.save_model_checkpoint(model, target, model_cfg, tokenizer_spec, source=f"train step {step}")
     mcore.save_sharded_state_dict(
         optimizer.sharded_state_dict(model.sharded_state_dict(), metadata=OPTIMIZER_METADATA), target / OPTIMIZER_SUBDIR
     )
-    _barrier()
+    barrier()
     if is_rank0():
         tmp = target / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps({"step": step, **trainer_state}, indent=1, sort_keys=True))
@@ -75,7 +70,7 @@ def save(root: Path, step: int, model, optimizer, model_cfg: ModelConfig, tokeni
             done = sorted(p for p in root.glob("iter_*") if (p / STATE_FILE).is_file())
             for old in done[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return target
 
 

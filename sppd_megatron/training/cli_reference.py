@@ -29,7 +29,8 @@ def main(argv: list[str]) -> int:
     from sppd_megatron.records import PreferencePair, read_jsonl, write_jsonl
     from sppd_megatron.tokenization import load_tokenizer
     from sppd_megatron.training import data as tdata
-    from sppd_megatron.training.trainer import build_policy, reference_logps, resolve_model_and_tokenizer
+    from sppd_megatron.training.model import build_policy, resolve_model_and_tokenizer
+    from sppd_megatron.training.reference import reference_logps
 
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)

@@ -39,6 +39,19 @@ class DataConfig:
     """Tokenizer directory or ``builtin:char``; defaults to the init checkpoint's tokenizer."""
     max_length: int = 512
     """Longest sequence (context + continuation + EOS); longer records are an error, not truncated."""
+    packing: Literal["none", "sequences", "pairs", "trees"] = "trees"
+    """How examples become micro-batches (sppd_megatron/training/packing.py): ``none`` pads every
+    sequence to ``max_length`` (``micro_batch_size`` examples per micro-batch); the others pack whole
+    examples into bins of ``pack_length`` tokens with no padding per row (one bin per micro-batch):
+    ``sequences`` shares nothing, ``pairs`` computes a pair's context once, ``trees`` computes every
+    prefix shared by the consecutive pairs of one ``group_by`` group once (for SFT all three pack
+    sequences). Every layout gives the same per-pair log-probs and loss."""
+    pack_length: int | None = None
+    """Tokens per packed bin; default ``2 * max_length`` (room for any pair without sharing)."""
+    group_by: Literal["none", "state", "tree"] = "tree"
+    """Which examples are kept together in the epoch order (shuffled as groups), so that ``trees``
+    packing can share their prefixes: ``state``, the sibling pairs of one state; ``tree``, every pair
+    of one question's tree; ``none``, examples shuffled one by one."""
     shuffle: bool = True
     append_eos: bool = True
     """Append EOS to continuations that end the solution (``ends``/``*_ends`` true); steps that do not end it never get EOS."""
@@ -46,6 +59,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.max_length < 4:
             raise ValueError("data.max_length must be at least 4")
+        if self.pack_length is None:
+            self.pack_length = 2 * self.max_length
+        if self.pack_length < self.max_length:
+            raise ValueError(f"data.pack_length={self.pack_length} must be at least data.max_length={self.max_length}")
 
 
 @dataclass

@@ -16,8 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
 
 from sppd_megatron.records import PreferencePair, RecordError, SFTExample, iter_jsonl_lenient
 from sppd_megatron.tokenization import encode
@@ -44,6 +42,8 @@ class Example:
     values: list[float | None]
     ref_logps: list[float | None]
     where: str  # file:line, for messages
+    tree: str = ""  # the question the record came from (data.group_by: tree)
+    state: str = ""  # the context its continuations share (data.group_by: state)
 
 
 def _tokenize_continuation(tokenizer, context: str, continuation: str) -> tuple[list[int], int]:
@@ -110,7 +110,10 @@ def load_examples(path: str | Path, stage: str, tokenizer, max_length: int, voca
                     raise RecordError(
                         f"token id {top} is outside the model's vocabulary ({vocab_size}): wrong tokenizer for this model?"
                     )
-            examples.append(Example(rows=rows, values=values, ref_logps=refs, where=f"{path}:{lineno}"))
+            tree = rec.question_id or f"{path}:{lineno}"
+            state = rec.prompt if isinstance(rec, SFTExample) else rec.prompt + rec.prefix
+            examples.append(Example(rows=rows, values=values, ref_logps=refs, where=f"{path}:{lineno}", tree=tree,
+                                    state=state))
         except RecordError as exc:
             fail(lineno, exc.reason)
         if len(errors) >= MAX_REPORTED_ERRORS:
@@ -121,54 +124,3 @@ def load_examples(path: str | Path, stage: str, tokenizer, max_length: int, voca
     if not examples:
         raise DataError(f"{path}: no records")
     return examples
-
-
-def epoch_order(n: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
-    if not shuffle:
-        return np.arange(n)
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def step_example_indices(n: int, step: int, global_batch: int, seed: int, shuffle: bool) -> list[int]:
-    """The examples of optimizer step ``step``: a deterministic walk over shuffled epochs.
-
-    Depends only on (n, step, batch, seed), not on the parallel layout or on where a run resumed.
-    """
-    out = []
-    start = step * global_batch
-    for pos in range(start, start + global_batch):
-        epoch, i = divmod(pos, n)
-        out.append(int(epoch_order(n, epoch, seed, shuffle)[i]))
-    return out
-
-
-def collate(examples: list[Example], max_length: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Rows of ``examples`` in order (pair rows adjacent) as padded tensors.
-
-    ``labels[r, t]`` is the token at t+1; ``loss_mask[r, t]`` marks positions predicting a
-    continuation token; ``step_end[r]`` is the position of the continuation's last non-EOS token
-    (the value head reads the hidden state there).
-    """
-    rows = [r for ex in examples for r in ex.rows]
-    n = len(rows)
-    tokens = torch.full((n, max_length), pad_id, dtype=torch.long)
-    labels = torch.full((n, max_length), pad_id, dtype=torch.long)
-    loss_mask = torch.zeros((n, max_length), dtype=torch.float32)
-    step_end = torch.zeros(n, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids = torch.tensor(r.ids, dtype=torch.long)
-        tokens[i, : len(ids)] = ids
-        labels[i, : len(ids) - 1] = ids[1:]
-        loss_mask[i, r.context_len - 1 : len(ids) - 1] = 1.0
-        step_end[i] = len(ids) - 1 - (1 if r.ends_with_eos else 0)
-    values = torch.tensor([v if v is not None else float("nan") for ex in examples for v in ex.values])
-    refs = torch.tensor([v if v is not None else float("nan") for ex in examples for v in ex.ref_logps])
-    return {
-        "tokens": tokens,
-        "labels": labels,
-        "loss_mask": loss_mask,
-        "step_end": step_end,
-        "values": values,
-        "ref_logps": refs,
-        "position_ids": torch.arange(max_length).unsqueeze(0).expand(n, max_length).contiguous(),
-    }

@@ -18,6 +18,7 @@ import torch
 from sppd_megatron import losses
 from sppd_megatron.training.config import LossConfig
 from sppd_megatron.training.logprobs import token_logprobs
+from sppd_megatron.training.packing import attention_mask
 
 
 def unwrap(model):
@@ -37,16 +38,25 @@ def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dic
 
 
 def sequence_logps(output: torch.Tensor, batch: dict, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-token log-probs [R, S], per-row sums over continuation tokens [R])."""
-    token_lp = token_logprobs(output, batch["labels"], vocab_size)
-    return token_lp, (token_lp * batch["loss_mask"]).sum(-1)
+    """(each row's summed continuation log-prob [R], each row's continuation token count [R]).
+
+    Works on every layout (:mod:`.packing`): the logits that predict each continuation token are
+    gathered from wherever that token's predecessor sits, so a prefix shared by several rows is
+    computed once and read by each of them.
+    """
+    flat = output.reshape(-1, output.shape[-1])
+    picked = flat.index_select(0, batch["loss_index"])  # [T, vocab / TP]
+    token_lp = token_logprobs(picked[None], batch["loss_label"][None], vocab_size)[0]
+    rows = batch["values"].numel()
+    seq_lp = token_lp.new_zeros(rows).index_add(0, batch["loss_row"], token_lp)
+    counts = token_lp.new_zeros(rows).index_add(0, batch["loss_row"], torch.ones_like(token_lp))
+    return seq_lp, counts
 
 
 def _value_predictions(model, batch: dict) -> torch.Tensor:
     inner = unwrap(model)
-    hidden = inner.last_hidden_states  # [S, R, H]
-    idx = batch["step_end"]
-    picked = hidden[idx, torch.arange(hidden.shape[1], device=hidden.device)]  # [R, H]
+    hidden = inner.last_hidden_states  # [S, B, H]
+    picked = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1]).index_select(0, batch["row_end_index"])
     return inner.value_head(picked).float()
 
 
@@ -56,22 +66,21 @@ def compute_losses(stage: str, cfg: LossConfig, model, output: torch.Tensor, bat
 
     Pairs are rows 2i (chosen) and 2i+1 (rejected) and weigh one each.
     """
-    token_lp, seq_lp = sequence_logps(output, batch, vocab_size)
+    seq_lp, counts = sequence_logps(output, batch, vocab_size)
     if stage == "sft":
-        return losses.sft_loss(token_lp, batch["loss_mask"], cfg.sft_reduction)
-    per_pair, metrics = _preference_losses(stage, cfg, model, batch, token_lp, seq_lp)
+        return losses.sft_loss(seq_lp, counts, cfg.sft_reduction)
+    per_pair, metrics = _preference_losses(stage, cfg, model, batch, seq_lp, counts)
     return per_pair, torch.ones_like(per_pair), metrics
 
 
-def _preference_losses(stage: str, cfg: LossConfig, model, batch: dict, token_lp: torch.Tensor,
-                       seq_lp: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _preference_losses(stage: str, cfg: LossConfig, model, batch: dict, seq_lp: torch.Tensor,
+                       counts: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     pc, pr = seq_lp[0::2], seq_lp[1::2]
     ref = batch["ref_logps"].to(seq_lp.dtype)
     rc, rr = ref[0::2], ref[1::2]
     vals = batch["values"].to(seq_lp.dtype)
     vc, vr = vals[0::2], vals[1::2]
-    mask = batch["loss_mask"][0::2]
-    chosen_nll = -(token_lp[0::2] * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    chosen_nll = -pc / counts[0::2].clamp(min=1)
     if stage == "dpo":
         return losses.add_chosen_nll(*losses.dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.dpo_variant, cfg.label_smoothing),
                                      chosen_nll, cfg.rpo_alpha)
@@ -105,7 +114,7 @@ def make_forward_step(stage: str, cfg: LossConfig, vocab_size: int) -> Callable:
 
     def forward_step(data_iterator, model):
         batch = batch_to_device(next(data_iterator), model_device(model))
-        output = model(batch["tokens"], batch["position_ids"], None)
+        output = model(batch["tokens"], batch["position_ids"], attention_mask(batch))
         return output, partial(_loss_func, stage, cfg, model, batch, vocab_size)
 
     return forward_step
@@ -116,10 +125,10 @@ def make_logp_step(vocab_size: int) -> Callable:
 
     def logp_step(data_iterator, model):
         batch = batch_to_device(next(data_iterator), model_device(model))
-        output = model(batch["tokens"], batch["position_ids"], None)
+        output = model(batch["tokens"], batch["position_ids"], attention_mask(batch))
 
         def loss_func(output_tensor):
-            _, seq_lp = sequence_logps(output_tensor, batch, vocab_size)
+            seq_lp, _ = sequence_logps(output_tensor, batch, vocab_size)
             count = torch.tensor(seq_lp.numel(), dtype=torch.int, device=seq_lp.device)
             return seq_lp.sum(), count, {"seq_logps": seq_lp.detach()}
 

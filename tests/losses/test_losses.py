@@ -92,7 +92,7 @@ def test_sft_loss_reductions(reduction):
     mask[0, 2:5] = 1
     mask[1, 0:7] = 1
     mask[2, 6] = 1
-    loss, weight, _ = losses.sft_loss(logps, mask, reduction)
+    loss, weight, _ = losses.sft_loss((logps * mask).sum(-1), mask.sum(-1), reduction)
     selected = [logps[i][mask[i] == 1] for i in range(3)]
     if reduction == "token":  # the mean over all 11 response tokens
         expected = -torch.cat(selected).mean()
@@ -100,7 +100,7 @@ def test_sft_loss_reductions(reduction):
         expected = -torch.stack([s.mean() for s in selected]).mean()
     assert (loss.sum() / weight.sum()).item() == pytest.approx(expected.item())
     with pytest.raises(ValueError, match="unknown SFT reduction"):
-        losses.sft_loss(logps, mask, "batch")
+        losses.sft_loss(logps.sum(-1), mask.sum(-1), "batch")
 
 
 def test_svpo_terms_and_gradients():

@@ -46,7 +46,7 @@ def main() -> None:
     from sppd_megatron.parallel import state as pstate
     from sppd_megatron.tokenization import load_tokenizer
     from sppd_megatron.training import data as tdata
-    from sppd_megatron.training import trainer
+    from sppd_megatron.training import batching, model as policy
     from sppd_megatron.training.config import TrainConfig
     from sppd_megatron.training.forward import make_forward_step, make_logp_step
 
@@ -54,24 +54,24 @@ def main() -> None:
     for stage in ("sft", "step_dpo", "svpo"):
         cfg = load_config(TrainConfig, f"configs/tiny-cpu/{stage}.yaml", ["logging.progress=false"])
         pstate.initialize(cfg.parallel, seed=0)
-        model_cfg, tok_spec = trainer.resolve_model_and_tokenizer(cfg)
+        model_cfg, tok_spec = policy.resolve_model_and_tokenizer(cfg)
         tokenizer = load_tokenizer(tok_spec)
         examples = tdata.load_examples(cfg.data.train_file, stage, tokenizer, cfg.data.max_length,
                                        model_cfg.vocab_size, need_values=stage != "sft")
         for ex in examples:  # as if precomputed: the reference pass itself is checked below
             ex.ref_logps = [-1.0 for _ in ex.ref_logps]
-        model = trainer.build_policy(cfg, model_cfg)
+        model = policy.build_policy(cfg, model_cfg)
         devices = sorted({str(p.device) for p in model.parameters()})
-        ddp = trainer.wrap_ddp(model, cfg)
+        ddp = policy.wrap_ddp(model, cfg)
         indices = list(range(cfg.schedule.global_batch_size))
-        batches = trainer.microbatches(examples, indices, cfg, pad_id=0)
+        batches = batching.microbatches(examples, indices, cfg, pad_id=0)
         host = sorted({str(t.device) for b in batches for t in b.values()})
-        reports = trainer.run_forward_backward(ddp, make_forward_step(stage, cfg.loss, model_cfg.vocab_size),
+        reports = batching.run_forward_backward(ddp, make_forward_step(stage, cfg.loss, model_cfg.vocab_size),
                                                batches, cfg, forward_only=False)
         report_devices = sorted({str(t.device) for r in reports for t in r.values()})
         grad_devices = sorted({str(p.main_grad.device) for p in model.parameters() if hasattr(p, "main_grad")})
         with torch.no_grad():
-            logp = trainer.run_forward_backward(model, make_logp_step(model_cfg.vocab_size), batches, cfg,
+            logp = batching.run_forward_backward(model, make_logp_step(model_cfg.vocab_size), batches, cfg,
                                                 forward_only=True)
         results[stage] = {
             "parameters": devices,

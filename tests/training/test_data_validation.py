@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from sppd_megatron.tokenization import build_char_tokenizer
-from sppd_megatron.training.data import DataError, collate, load_examples
+from sppd_megatron.training.data import DataError, load_examples
+from sppd_megatron.training.packing import pad
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD = {"prompt": "Q: 1+2?\n", "prefix": "Step 1: 1+2=3.\n\n", "chosen": "The answer is 3.", "rejected": "The answer is 4.",
@@ -75,14 +76,16 @@ def test_masks_cover_only_the_continuation_and_eos_only_at_the_end(tmp_path):
     path = _write(tmp_path, [{**GOOD, "chosen_ends": False, "rejected_ends": True}])
     tok = build_char_tokenizer()
     (ex,) = _load(path)
-    batch = collate([ex], 128, tok.pad_token_id)
+    batch = pad([ex], 128, tok.pad_token_id)
     ctx = len(GOOD["prompt"] + GOOD["prefix"])
     chosen_len, rejected_len = len(GOOD["chosen"]), len(GOOD["rejected"]) + 1  # + EOS
-    assert batch["loss_mask"][0].sum() == chosen_len and batch["loss_mask"][1].sum() == rejected_len
-    assert batch["loss_mask"][0, : ctx - 1].sum() == 0  # the prompt and shared prefix are never loss
-    assert batch["labels"][1, ctx - 1 + rejected_len - 1] == tok.eos_token_id
+    rows = batch["loss_row"].tolist()
+    assert rows.count(0) == chosen_len and rows.count(1) == rejected_len
+    # The prompt and shared prefix are never loss: the first scored token is predicted from the context's last.
+    assert batch["loss_index"][0] == ctx - 1 and batch["loss_index"][chosen_len] == 128 + ctx - 1
+    assert batch["loss_label"][-1] == tok.eos_token_id
     assert tok.eos_token_id not in batch["tokens"][0].tolist()
-    assert batch["step_end"].tolist() == [ctx + chosen_len - 1, ctx + rejected_len - 2]
+    assert batch["row_end_index"].tolist() == [ctx + chosen_len - 1, 128 + ctx + rejected_len - 2]
 
 
 def test_cli_fails_fast_without_training(tmp_path):

@@ -61,13 +61,14 @@ def our_loss(policy, ref, tok, beta, variant, label_smoothing, rows=ROWS, rpo_al
     from sppd_megatron.training import data as tdata
     from sppd_megatron.training.config import LossConfig
     from sppd_megatron.training.forward import compute_losses, sequence_logps
+    from sppd_megatron.training.packing import pad
 
     initialize(ParallelConfig(), seed=0)
     cfg = model_config_from_hf(policy.config.to_dict())
     path = tempfile.mktemp(suffix=".jsonl")
     write_jsonl(path, [PreferencePair(level="sentence", **r) for r in rows])
     examples = tdata.load_examples(path, "dpo", tok, 128, cfg.vocab_size)
-    batch = tdata.collate(examples, 128, tok.pad_token_id)
+    batch = pad(examples, 128, tok.pad_token_id)
     models = []
     for hf in (policy, ref):
         m = build_gpt_model(cfg, PrecisionConfig())
@@ -76,7 +77,7 @@ def our_loss(policy, ref, tok, beta, variant, label_smoothing, rows=ROWS, rpo_al
         models.append(m)
     with torch.no_grad():
         out_ref = models[1](batch["tokens"], batch["position_ids"], None)
-        batch["ref_logps"] = sequence_logps(out_ref, batch, cfg.vocab_size)[1]
+        batch["ref_logps"] = sequence_logps(out_ref, batch, cfg.vocab_size)[0]
         out = models[0](batch["tokens"], batch["position_ids"], None)
         loss_cfg = LossConfig(beta=beta, dpo_variant=variant, label_smoothing=label_smoothing, rpo_alpha=rpo_alpha)
         per_pair, _, _ = compute_losses("dpo", loss_cfg, models[0], out, batch, cfg.vocab_size)
