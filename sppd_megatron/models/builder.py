@@ -91,7 +91,7 @@ def resolve_transformer_impl(precision: PrecisionConfig) -> str:
 
 
 def build_transformer_config(model: ModelConfig, precision: PrecisionConfig, tp: int, pp: int,
-                             on_accelerator: bool = True):
+                             on_accelerator: bool = True, parallel=None):
     """Megatron's TransformerConfig for this model; ``on_accelerator`` is True for a model on a GPU."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -136,6 +136,15 @@ def build_transformer_config(model: ModelConfig, precision: PrecisionConfig, tp:
         deallocate_pipeline_outputs=False,
         transformer_impl=impl,
     )
+    if parallel is not None:
+        if parallel.sequence_parallel and impl != "transformer_engine":
+            raise RuntimeError("parallel.sequence_parallel needs TransformerEngine layers (megatron's local norms "
+                               "cannot split the sequence); set precision.transformer_impl=transformer_engine")
+        kwargs["sequence_parallel"] = parallel.sequence_parallel
+        if parallel.recompute == "full":
+            kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        elif parallel.recompute == "selective":
+            kwargs.update(recompute_granularity="selective", recompute_modules=["core_attn"])
     if precision.fp8 != "none":
         kwargs.update(
             fp8=precision.fp8,
@@ -198,14 +207,16 @@ class ValueHead(torch.nn.Module):
 
 
 def build_gpt_model(model_cfg: ModelConfig, precision: PrecisionConfig, with_value_head: bool = False,
-                    seed: int = 0, device: str | torch.device | None = None, tree_masks: bool = False):
+                    seed: int = 0, device: str | torch.device | None = None, tree_masks: bool = False,
+                    parallel=None):
     """This rank's pipeline stage of the policy (parallel_state must be initialised).
 
     Parameters are created uninitialised on ``device``: by default this rank's accelerator (the
     current CUDA device, as Megatron-LM's ``get_model`` places the model before DDP), or ``meta``
     for a shapes-only model. The caller loads the weights. ``tree_masks``: the model will be given
     packed batches' masks (see ``PrecisionConfig.attention``). RoPE follows the ``position_ids`` given
-    to forward (:mod:`sppd_megatron.models.attention`).
+    to forward (:mod:`sppd_megatron.models.attention`). ``parallel`` (a ParallelConfig) brings
+    recompute and sequence parallelism; parallel sizes come from parallel_state.
 
     With ``with_value_head`` the last stage gets ``model.value_head`` and the decoder's final hidden
     states are kept in ``model.last_hidden_states`` after each forward (a forward hook), so the value
@@ -220,7 +231,10 @@ def build_gpt_model(model_cfg: ModelConfig, precision: PrecisionConfig, with_val
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     model_cfg.check_parallel(tp, pp)
     device = accelerator_device() if device is None else torch.device(device)
-    config, impl = build_transformer_config(model_cfg, precision, tp, pp, on_accelerator=device.type == "cuda")
+    config, impl = build_transformer_config(model_cfg, precision, tp, pp, on_accelerator=device.type == "cuda",
+                                            parallel=parallel)
+    if with_value_head and config.sequence_parallel:
+        raise RuntimeError("the SVPO value head reads whole sequences; run svpo without parallel.sequence_parallel")
     with torch.device(device):  # what Megatron creates without naming a device (norms, value head)
         spec = layer_spec(impl)
         if resolve_attention(precision, impl, tree_masks) == "flex":

@@ -21,10 +21,28 @@ class ParallelConfig:
     """Shard optimizer state over data-parallel ranks (Megatron distributed optimizer; Adam/AdamW)."""
     backend: str = "auto"
     """torch.distributed backend: auto (nccl with CUDA, gloo otherwise), nccl or gloo."""
+    recompute: str = "none"
+    """Activation recompute: ``selective`` recomputes core attention in the backward pass (its
+    [heads, S, S] scores are not kept), ``full`` recomputes every layer from its input (one layer's
+    activations kept at a time); ``none`` keeps everything."""
+    overlap_grad_reduce: bool = False
+    """Reduce gradients bucket by bucket while the backward pass is still running (Megatron DDP)."""
+    overlap_param_gather: bool = False
+    """With the distributed optimizer: all-gather updated weights bucket by bucket during the next
+    forward pass instead of after the optimizer step."""
+    sequence_parallel: bool = False
+    """Split norms, dropout and the residual stream along the sequence over the tensor-parallel ranks
+    (needs TransformerEngine layers and tensor_model_parallel_size > 1)."""
 
     def __post_init__(self) -> None:
         if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
             raise ValueError("parallel sizes must be >= 1")
+        if self.recompute not in ("none", "selective", "full"):
+            raise ValueError(f"parallel.recompute {self.recompute!r} is not none, selective or full")
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ValueError("parallel.overlap_param_gather needs parallel.use_distributed_optimizer=true")
+        if self.sequence_parallel and self.tensor_model_parallel_size < 2:
+            raise ValueError("parallel.sequence_parallel needs tensor_model_parallel_size > 1")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ValueError(f"parallel.backend {self.backend!r} is not auto, nccl or gloo")
 

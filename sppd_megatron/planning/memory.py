@@ -3,8 +3,7 @@
 Four parts are exact counts of the tensors Megatron allocates (checked against a tiny CPU run by
 tests/planning/test_memory_vs_run.py):
 
-- weights: this pipeline stage's parameters on one tensor-parallel rank, in ``precision.params_dtype``
-  (the local spec keeps RMSNorm weights in fp32);
+- weights: this pipeline stage's parameters on one tensor-parallel rank, in ``precision.params_dtype``;
 - grads: Megatron DDP keeps fp32 ``main_grad`` for every parameter (``grad_reduce_in_fp32``);
 - optimizer: Adam keeps two fp32 moments, SGD one momentum buffer when ``sgd_momentum > 0``; bf16
   weights add an fp32 master copy; the distributed optimizer shards all of it over data-parallel ranks;
@@ -13,15 +12,19 @@ tests/planning/test_memory_vs_run.py):
 Two are estimates (saved-for-backward tensors, fitted on the local layer spec and checked loosely):
 
 - activations per micro-batch and layer, per token: ``n * 4h + b * (4.2h + 4 kv d + 5 f) / TP`` (``b``
-  bytes per activation, ``n`` per norm output: fp32 on the local spec, ``b`` with TransformerEngine)
-  plus, for the local spec's unfused attention, the ``heads / TP x seq`` probabilities (fp32 softmax
-  output plus the ``b``-byte copy multiplied with V); flash attention (TransformerEngine) keeps none.
-  1F1B keeps ``min(PP - stage, micro-batches)`` micro-batches in flight on each stage.
-- logits (last stage): the fp32 softmax of the vocabulary slice ``seq x rows x vocab / TP`` for
-  sequences up to the loss chunk (1024 tokens); longer ones keep the logits in ``b`` bytes and one
-  fp32 chunk at a time (sppd_megatron/training/logprobs.py).
+  bytes per activation, ``n`` per norm element: 4 for torch's RMSNorm on the local spec, which keeps
+  fp32 copies, ``b`` with TransformerEngine) plus, for megatron's unfused core attention (the local spec, also under
+  packed batches' dense tree masks), the ``heads / TP x seq`` probabilities (fp32 softmax output
+  plus the ``b``-byte copy multiplied with V); flash attention (TransformerEngine) and FlexAttention
+  keep none; packed bins add their boolean tree mask (``rows x seq x seq`` bytes) to the unfused
+  attention. 1F1B keeps ``min(PP - stage, micro-batches)`` micro-batches in flight on each stage.
+- logits (last stage): the loss gathers the logits of the continuation tokens (at most every token
+  of the micro-batch, the bound used here) and takes their fp32 softmax, a 1024-token chunk at a
+  time beyond one chunk (the gathered logits then stay in ``b`` bytes; sppd_megatron/training/logprobs.py).
 
-``rows`` is micro_batch_size for SFT and twice it for preference stages (chosen + rejected).
+A micro-batch is ``rows`` sequences of ``seq`` tokens: padded, ``micro_batch_size`` examples of
+``rows_per_example`` rows (2 for preference pairs) of ``max_length``; packed, ``micro_batch_size``
+bins of ``pack_length`` tokens.
 """
 
 from __future__ import annotations
@@ -61,12 +64,16 @@ class MemoryInputs:
     seq_length: int = 2048
     micro_batch_size: int = 1
     rows_per_example: int = 1
-    """1 for SFT, 2 for preference pairs (chosen and rejected share a micro-batch)."""
+    """1 for SFT and for packed bins, 2 for padded preference pairs (chosen and rejected share a micro-batch)."""
     num_microbatches: int = 1
-    """Per data-parallel rank and optimizer step: global_batch / (micro_batch x DP)."""
+    """Per data-parallel rank and optimizer step: global_batch / (micro_batch x DP) padded; packed, the
+    bins the step's examples need (bounded by :func:`packed_microbatches`)."""
     transformer_engine: bool = True
-    """TransformerEngine layers (GPU recipes): flash attention, norms in the weights' dtype. False: the
-    local spec (CPU): unfused softmax attention, RMSNorm weights and outputs in fp32."""
+    """TransformerEngine layers (GPU recipes): flash attention. False: the local spec (CPU)."""
+    flex_attention: bool = False
+    """FlexAttention core attention (packed batches on GPUs): no attention probabilities kept."""
+    tree_masks: bool = False
+    """Packed bins: megatron's unfused attention keeps their [rows, 1, seq, seq] boolean mask once."""
     co_resident_reference: bool = False
     value_head: bool = False
 
@@ -134,11 +141,6 @@ def stage_parameters(m: ModelConfig, tp: int, pp: int, stage: int, value_head: b
     return count
 
 
-def stage_norm_parameters(m: ModelConfig, pp: int, stage: int) -> int:
-    """RMSNorm weights of a pipeline stage (two per layer, the final norm on the last stage)."""
-    return (2 * (m.num_layers // pp) + (1 if stage == pp - 1 else 0)) * m.hidden_size
-
-
 def total_parameters(m: ModelConfig) -> int:
     """Unpadded parameter count of the model (what a model card reports)."""
     padded = stage_parameters(m, 1, 1, 0)
@@ -158,7 +160,8 @@ def _optimizer_bytes_per_param(inp: MemoryInputs) -> int:
 
 
 def _norm_bytes(inp: MemoryInputs) -> int:
-    """Bytes of a norm's output element: the local spec's torch RMSNorm keeps fp32 weights and outputs."""
+    """Bytes per element a norm keeps for backward: torch's RMSNorm (the local spec) computes in fp32
+    and keeps fp32 copies whatever the weights' dtype; TransformerEngine's keeps the activation dtype."""
     return 2 if inp.params_dtype == "bf16" and inp.transformer_engine else 4
 
 
@@ -168,7 +171,7 @@ def _activation_bytes_per_token_layer(inp: MemoryInputs) -> float:
     h, f, kvd = m.hidden_size, m.ffn_hidden_size, m.num_query_groups * m.kv_channels
     split_h = m.num_attention_heads * m.kv_channels
     per_token = _norm_bytes(inp) * _REPLICATED_HIDDEN * h + b * (_SPLIT_HIDDEN * split_h + _KV * kvd + _FFN * f) / tp
-    if not inp.transformer_engine:
+    if not inp.transformer_engine and not inp.flex_attention:
         # fp32 softmax output; bf16 adds the down-cast copy that multiplies V.
         probs_bytes = 4 + (b if b < 4 else 0)
         per_token += probs_bytes * m.num_attention_heads / tp * inp.seq_length
@@ -185,10 +188,8 @@ def plan_memory(inp: MemoryInputs) -> MemoryPlan:
     plan = MemoryPlan(inputs=inp)
     for stage in range(inp.pp):
         params = stage_parameters(m, inp.tp, inp.pp, stage, inp.value_head)
-        # The local spec's RMSNorm weights stay fp32 under bf16 and get no fp32 master copy.
-        fp32_norms = stage_norm_parameters(m, inp.pp, stage) if b == 2 and not inp.transformer_engine else 0
-        weights = params * b + fp32_norms * (4 - b)
-        optimizer = params * _optimizer_bytes_per_param(inp) - fp32_norms * 4 * (inp.params_dtype == "bf16")
+        weights = params * b
+        optimizer = params * _optimizer_bytes_per_param(inp)
         if inp.distributed_optimizer:
             optimizer = -(-optimizer // inp.dp)
         in_flight = min(inp.pp - stage, inp.num_microbatches)
@@ -197,11 +198,12 @@ def plan_memory(inp: MemoryInputs) -> MemoryPlan:
         if stage == inp.pp - 1:
             activations += tokens * _norm_bytes(inp) * _FINAL_HIDDEN * m.hidden_size
             vocab_slice = m.padded_vocab_size // inp.tp
-            if inp.seq_length <= LOSS_CHUNK_TOKENS:
+            if tokens <= LOSS_CHUNK_TOKENS:
                 logits = tokens * vocab_slice * 4
             else:
-                chunk_rows = LOSS_CHUNK_TOKENS * inp.micro_batch_size * inp.rows_per_example
-                logits = tokens * vocab_slice * b + chunk_rows * vocab_slice * 4 * 2
+                logits = tokens * vocab_slice * b + LOSS_CHUNK_TOKENS * vocab_slice * 4 * 2
+        if inp.tree_masks and not inp.flex_attention and not inp.transformer_engine:
+            activations += inp.micro_batch_size * inp.seq_length**2  # one mask shared by every layer
         if inp.pp > 1:
             # 1F1B keeps each in-flight micro-batch's stage input and output tensors.
             activations += 2 * tokens * m.hidden_size * b
@@ -247,17 +249,30 @@ def format_plan(plan: MemoryPlan, gpu_memory_gib: float | None = None, overhead_
     return "\n".join(lines)
 
 
+def packed_microbatches(cfg, dp: int) -> int:
+    """Micro-batches a packed step needs on one data-parallel rank, at most: every row of its pairs at
+    ``max_length`` tokens with nothing shared (shared prefixes and shorter rows need fewer bins)."""
+    from sppd_megatron.training.trainer import PREFERENCE_STAGES
+
+    rows = cfg.schedule.global_batch_size // dp * (2 if cfg.stage in PREFERENCE_STAGES else 1)
+    per_bin = max(1, cfg.data.pack_length // cfg.data.max_length)
+    return -(-rows // (per_bin * cfg.schedule.micro_batch_size))
+
+
 def inputs_for_recipe(cfg, model: ModelConfig, dp: int, num_microbatches: int,
                       transformer_engine: bool | None = None) -> MemoryInputs:
     """MemoryInputs of a TrainConfig on a validated layout.
 
     ``transformer_engine`` defaults to the recipe's layer implementation: ``local`` is the local spec
     (CPU), ``auto`` / ``transformer_engine`` mean TransformerEngine on the GPUs the recipe targets.
+    Packed recipes use FlexAttention where the recipe runs on GPUs (``precision.attention`` auto).
     """
     from sppd_megatron.training.trainer import PREFERENCE_STAGES
 
     if transformer_engine is None:
         transformer_engine = cfg.precision.transformer_impl != "local"
+    packed = cfg.data.packing != "none"
+    flex = packed and (cfg.precision.attention == "flex" or (cfg.precision.attention == "auto" and transformer_engine))
     return MemoryInputs(
         model=model,
         tp=cfg.parallel.tensor_model_parallel_size,
@@ -267,11 +282,13 @@ def inputs_for_recipe(cfg, model: ModelConfig, dp: int, num_microbatches: int,
         optimizer=cfg.optim.optimizer,
         sgd_momentum=cfg.optim.sgd_momentum,
         distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-        seq_length=cfg.data.max_length,
+        seq_length=cfg.data.pack_length if packed else cfg.data.max_length,
         micro_batch_size=cfg.schedule.micro_batch_size,
-        rows_per_example=2 if cfg.stage in PREFERENCE_STAGES else 1,
+        rows_per_example=2 if cfg.stage in PREFERENCE_STAGES and not packed else 1,
         num_microbatches=num_microbatches,
         transformer_engine=transformer_engine,
+        flex_attention=flex,
+        tree_masks=packed,
         co_resident_reference=cfg.stage in PREFERENCE_STAGES and cfg.loss.reference == "co_resident",
         value_head=cfg.stage == "svpo",
     )

@@ -130,6 +130,12 @@ def validate_recipe(cfg, recipe_path: str | Path | None = None, nodes: int | Non
     nodes = nodes or (named["nodes"] if named else 1)
     gpus_per_node = gpus_per_node or (named["gpus_per_node"] if named else tp * pp)
     model = resolve_architecture(cfg, recipe_path, arch)
-    layout = validate_layout(model, tp, pp, nodes, gpus_per_node,
-                             cfg.schedule.global_batch_size, cfg.schedule.micro_batch_size)
+    packed = cfg.data.packing != "none"
+    # Packed micro-batches are bins, not examples: the step's examples need only split evenly over DP.
+    layout = validate_layout(model, tp, pp, nodes, gpus_per_node, cfg.schedule.global_batch_size,
+                             1 if packed else cfg.schedule.micro_batch_size)
+    if packed:
+        from sppd_megatron.planning.memory import packed_microbatches
+
+        layout.num_microbatches = packed_microbatches(cfg, layout.dp)
     return model, layout

@@ -3,8 +3,8 @@
 The step's examples depend only on (examples, step, global batch, seed, grouping), never on the
 parallel layout or the packing, so every layout trains on the same examples in the same steps.
 Each data-parallel rank takes a contiguous share; its micro-batches are padded rows
-(``micro_batch_size`` examples each) or packed bins (one bin of ``data.pack_length`` tokens each,
-whole pairs only: a pair never straddles two micro-batches). Megatron divides the gradient by the
+(``micro_batch_size`` examples each) or packed bins (``micro_batch_size`` bins of
+``data.pack_length`` tokens each, whole pairs only: a pair never straddles two micro-batches). Megatron divides the gradient by the
 summed weights of every micro-batch on every rank, so the step's loss is the same mean whatever the
 micro-batches and ranks.
 """
@@ -79,7 +79,11 @@ def microbatches_of(examples: list, cfg: TrainConfig, pad_id: int) -> list[dict]
             first_row += batches[-1]["values"].numel()
         return batches
     keys = group_keys(examples, cfg.data.group_by)
-    return packing.pack(examples, cfg.data.packing, cfg.data.pack_length, pad_id, keys)
+    bins = packing.pack(examples, cfg.data.packing, cfg.data.pack_length, pad_id, keys)
+    mbs = cfg.schedule.micro_batch_size
+    if mbs == 1:
+        return bins
+    return [packing.stack_bins(bins[j: j + mbs], mbs, pad_id) for j in range(0, len(bins), mbs)]
 
 
 def microbatches(examples: list, indices: list[int], cfg: TrainConfig, pad_id: int) -> list[dict]:

@@ -47,7 +47,8 @@ class DataConfig:
     prefix shared by the consecutive pairs of one ``group_by`` group once (for SFT all three pack
     sequences). Every layout gives the same per-pair log-probs and loss."""
     pack_length: int | None = None
-    """Tokens per packed bin; default ``2 * max_length`` (room for any pair without sharing)."""
+    """Tokens per packed bin; default ``max_length`` for SFT and ``2 * max_length`` for pairs (room for
+    any example without sharing)."""
     group_by: Literal["none", "state", "tree"] = "tree"
     """Which examples are kept together in the epoch order (shuffled as groups), so that ``trees``
     packing can share their prefixes: ``state``, the sibling pairs of one state; ``tree``, every pair
@@ -59,9 +60,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.max_length < 4:
             raise ValueError("data.max_length must be at least 4")
-        if self.pack_length is None:
-            self.pack_length = 2 * self.max_length
-        if self.pack_length < self.max_length:
+        if self.pack_length is not None and self.pack_length < self.max_length:
             raise ValueError(f"data.pack_length={self.pack_length} must be at least data.max_length={self.max_length}")
 
 
@@ -126,15 +125,16 @@ class ScheduleConfig:
     global_batch_size: int = 8
     """Examples (SFT records or pairs) per optimizer step, over all data-parallel ranks."""
     micro_batch_size: int = 2
-    """Examples per forward pass; a pair's chosen and rejected always share a micro-batch."""
+    """Examples per forward pass with ``data.packing=none``; bins of ``data.pack_length`` tokens per
+    forward pass when packed. A pair's chosen and rejected always share a micro-batch."""
     train_steps: int | None = None
     """Optimizer steps; unset means ``epochs`` passes over the data."""
     epochs: int = 1
     seed: int = 1234
 
     def __post_init__(self) -> None:
-        if self.global_batch_size % self.micro_batch_size:
-            raise ValueError("schedule.global_batch_size must be a multiple of schedule.micro_batch_size")
+        if self.micro_batch_size < 1 or self.global_batch_size < 1:
+            raise ValueError("schedule.global_batch_size and micro_batch_size must be >= 1")
 
 
 @dataclass
@@ -177,6 +177,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not self.data.train_file:
             raise ValueError("data.train_file is required")
+        if self.data.pack_length is None:
+            self.data.pack_length = self.data.max_length * (1 if self.stage == "sft" else 2)
+        if self.data.packing == "none" and self.schedule.global_batch_size % self.schedule.micro_batch_size:
+            raise ValueError("schedule.global_batch_size must be a multiple of schedule.micro_batch_size")
         if self.init.source == "random" and self.model is None:
             raise ValueError("init.source=random needs a model: section")
         if self.model is not None:

@@ -52,7 +52,7 @@ def build_policy(cfg: TrainConfig, model_cfg: ModelConfig):
     from sppd_megatron.models.builder import build_gpt_model
 
     model = build_gpt_model(model_cfg, cfg.precision, with_value_head=cfg.stage == "svpo", seed=cfg.init.seed,
-                            tree_masks=cfg.data.packing != "none")
+                            tree_masks=cfg.data.packing != "none", parallel=cfg.parallel)
     model.config.calculate_per_token_loss = True
     if cfg.init.source == "random":
         hf_state = random_hf_state(model_cfg, cfg.init.seed)
@@ -74,7 +74,8 @@ def wrap_ddp(model, cfg: TrainConfig):
 
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         check_for_nan_in_grad=True,
         average_in_collective=False,

@@ -168,7 +168,7 @@ def oversized(examples: list, packing: Packing, pack_length: int) -> list[str]:
 
 def pack(examples: list, packing: Packing, pack_length: int, pad_id: int,
          group_keys: list | None = None) -> list[dict[str, torch.Tensor]]:
-    """Micro-batches of one bin each for a packed ``packing``; the rows of ``examples`` in order.
+    """One bin per dict for a packed ``packing`` (see :func:`stack_bins` for micro-batches of several).
 
     ``group_keys`` (one per example) decide which consecutive pairs share a trie under ``trees``.
     Raises ValueError when a single sequence or pair cannot fit ``pack_length``.
@@ -289,6 +289,33 @@ def pad(examples: list, max_length: int, pad_id: int, first_row: int = 0) -> dic
         "values": _floats([v for ex in examples for v in ex.values]),
         "ref_logps": _floats([v for ex in examples for v in ex.ref_logps]),
     }
+
+
+def stack_bins(bins: list[dict[str, torch.Tensor]], count: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """``count`` bins as one micro-batch [count, S]; missing bins are padding with no rows (so every
+    micro-batch of a step has one shape, as pipeline stages need)."""
+    s = bins[0]["tokens"].shape[1]
+    nodes = max(b["node_ancestors"].shape[-1] for b in bins)
+    out: dict[str, list] = {k: [] for k in bins[0]}
+    rows = 0
+    for i in range(count):
+        if i < len(bins):
+            b = bins[i]
+        else:  # an empty bin: one padding node
+            b = {"tokens": torch.full((1, s), pad_id, dtype=torch.long), "position_ids": torch.zeros(1, s, dtype=torch.long),
+                 "attention_nodes": torch.zeros(1, s, dtype=torch.long), "node_ancestors": torch.ones(1, 1, 1, dtype=torch.bool)}
+            b.update({k: bins[0][k][:0] for k in bins[0] if k not in b})
+        n = b["node_ancestors"].shape[-1]
+        ancestors = torch.zeros(1, nodes, nodes, dtype=torch.bool)
+        ancestors[:, :n, :n] = b["node_ancestors"]
+        out["node_ancestors"].append(ancestors)
+        for k in ("tokens", "position_ids", "attention_nodes", "values", "ref_logps", "row_source", "loss_label"):
+            out[k].append(b[k])
+        out["loss_index"].append(b["loss_index"] + i * s)
+        out["row_end_index"].append(b["row_end_index"] + i * s)
+        out["loss_row"].append(b["loss_row"] + rows)
+        rows += b["values"].numel()
+    return {k: torch.cat(v) for k, v in out.items()}
 
 
 def attention_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:

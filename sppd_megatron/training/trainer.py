@@ -96,6 +96,10 @@ def train(cfg: TrainConfig) -> dict:
     model.config.finalize_model_grads_func = finalize_model_grads
     model.config.grad_scale_func = optimizer.scale_loss
     model.config.no_sync_func = ddp_model.no_sync
+    if cfg.parallel.overlap_grad_reduce:  # as Megatron-LM: the last micro-batch's backward starts the reduce
+        model.config.grad_sync_func = ddp_model.start_grad_sync
+    if cfg.parallel.overlap_param_gather and cfg.parallel.pipeline_model_parallel_size > 1:
+        model.config.param_sync_func = ddp_model.start_param_sync
 
     ckpt_root = out_dir / "checkpoints"
     fingerprint = config_fingerprint(cfg)
@@ -147,6 +151,7 @@ def train(cfg: TrainConfig) -> dict:
             progress.set_postfix(loss=f"{last['loss']:.4f}")
         interval = cfg.checkpoint.save_interval
         if (interval and step % interval == 0) or (step == train_steps and cfg.checkpoint.save_final):
+            _sync_params(ddp_model, cfg, resume_overlap=step < train_steps)
             ckpt.save(ckpt_root, step, unwrap(ddp_model), optimizer, model_cfg, str(tokenizer_spec),
                       {"scheduler": scheduler.state_dict(), "config_fingerprint": fingerprint},
                       keep_last=cfg.checkpoint.keep_last)
@@ -156,7 +161,16 @@ def train(cfg: TrainConfig) -> dict:
     if progress is not None:
         progress.close()
     writer.close()
+    _sync_params(ddp_model, cfg, resume_overlap=False)
     return last
+
+
+def _sync_params(ddp_model, cfg: TrainConfig, resume_overlap: bool) -> None:
+    """Weights complete on every rank (with overlap_param_gather they arrive during the next forward)."""
+    if cfg.parallel.overlap_param_gather and ddp_model.remove_forward_pre_hook_handles:
+        ddp_model.disable_forward_pre_hook(param_sync=True)
+        if resume_overlap:
+            ddp_model.enable_forward_pre_hook()
 
 
 def _write_runtime(out_dir: Path, model, cfg: TrainConfig) -> None:

@@ -2,8 +2,7 @@
 
     torchrun --nproc-per-node N tests/training/dist_worker.py OUT_DIR SPECS_JSON
 
-SPECS_JSON is a list of {"name", "config", "layout", "overrides"}; a layout is ``single`` (1 process),
-``tp2``, ``pp2``, ``dp2`` or ``dp2dist`` (data parallel with the distributed optimizer).
+SPECS_JSON is a list of {"name", "config", "layout", "overrides"}; a layout is a key of LAYOUTS.
 """
 
 import json
@@ -12,12 +11,17 @@ import warnings
 
 warnings.filterwarnings("ignore")
 
-LAYOUTS = {
-    "single": (1, 1, False),
-    "tp2": (2, 1, False),
-    "pp2": (1, 2, False),
-    "dp2": (1, 1, False),
-    "dp2dist": (1, 1, True),
+LAYOUTS = {  # name: (TP, PP, distributed optimizer, other parallel.* settings)
+    "single": (1, 1, False, []),
+    "tp2": (2, 1, False, []),
+    "pp2": (1, 2, False, []),
+    "dp2": (1, 1, False, []),
+    "dp2dist": (1, 1, True, []),
+    "dp2overlap": (1, 1, True, ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true"]),
+    "pp2overlap": (1, 2, True, ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true"]),
+    "recompute_full": (1, 1, False, ["parallel.recompute=full"]),
+    "recompute_selective": (1, 1, False, ["parallel.recompute=selective"]),
+    "tp2_recompute_full": (2, 1, False, ["parallel.recompute=full"]),
 }
 
 
@@ -32,7 +36,7 @@ def main() -> None:
     out_dir, specs = sys.argv[1], json.loads(sys.argv[2])
     results = {}
     for spec in specs:
-        tp, pp, dist_opt = LAYOUTS[spec["layout"]]
+        tp, pp, dist_opt, settings = LAYOUTS[spec["layout"]]
         run_dir = f"{out_dir}/{spec['name']}"
         cfg = load_config(TrainConfig, spec["config"], [
             *spec.get("overrides", []),
@@ -40,6 +44,7 @@ def main() -> None:
             f"parallel.tensor_model_parallel_size={tp}",
             f"parallel.pipeline_model_parallel_size={pp}",
             f"parallel.use_distributed_optimizer={str(dist_opt).lower()}",
+            *settings,
             "logging.progress=false",
             "logging.tensorboard=false",
         ])

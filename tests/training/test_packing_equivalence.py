@@ -1,7 +1,8 @@
 """Packed, prefix-shared and tree-packed training equal padded training, pair for pair.
 
 One process runs dpo, step_dpo and svpo for 5 steps under each ``data.packing`` with an odd global
-batch (5 pairs: bins then hold uneven numbers of pairs, and pairs of one tree share a trie). Every
+batch (5 pairs: bins then hold uneven numbers of pairs, and pairs of one tree share a trie), and
+tree packing again with two bins per micro-batch (the last one padded with an empty bin). Every
 run first computes its reference log-probs in its own layout, so the stored per-pair log-probs of
 the initial policy are compared too. The TP/PP/DP layouts run the default packing in
 test_distributed_equivalence.py.
@@ -18,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 WORKER = str(REPO / "tests" / "training" / "dist_worker.py")
 STAGES = {"dpo": "configs/tiny-cpu/dpo.yaml", "step_dpo": "configs/tiny-cpu/step_dpo.yaml",
           "svpo": "configs/tiny-cpu/svpo.yaml"}
-PACKINGS = ["none", "sequences", "pairs", "trees"]
+PACKINGS = ["none", "sequences", "pairs", "trees", "trees-2bins"]
 COMMON = ["schedule.train_steps=5", "schedule.global_batch_size=5", "schedule.micro_batch_size=1",
           "checkpoint.save_final=false", "optim.optimizer=adamw", "optim.lr=1e-3", "data.group_by=tree"]
 
@@ -27,7 +28,8 @@ COMMON = ["schedule.train_steps=5", "schedule.global_batch_size=5", "schedule.mi
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("packing")
     specs = [{"name": f"{stage}-{packing}", "config": cfg, "layout": "single",
-              "overrides": [*COMMON, f"data.packing={packing}"]}
+              "overrides": [*COMMON, f"data.packing={packing.split('-')[0]}",
+                            *(["schedule.micro_batch_size=2"] if packing.endswith("2bins") else [])]}
              for stage, cfg in STAGES.items() for packing in PACKINGS]
     proc = torchrun([WORKER, str(out), json.dumps(specs)], nproc=1, cwd=REPO, timeout=1200)
     assert proc.returncode == 0

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sppd_megatron.training.data import Example, Row
-from sppd_megatron.training.packing import attention_mask, pack, pad
+from sppd_megatron.training.packing import attention_mask, pack, pad, stack_bins
 
 
 def _pairs(seed: int, n_groups: int = 5):
@@ -80,6 +80,16 @@ def _check_bins(batches, examples):
         _check([batch], mine)
     assert not remaining
     assert all(b["tokens"].shape[1] == s for b in batches)
+
+
+@pytest.mark.parametrize("per_micro_batch", [2, 3])
+def test_bins_stacked_into_micro_batches(per_micro_batch):
+    examples, keys = _pairs(3, n_groups=8)
+    bins = pack(examples, "trees", pack_length=64, pad_id=0, group_keys=keys)
+    stacked = [stack_bins(bins[j: j + per_micro_batch], per_micro_batch, pad_id=0)
+               for j in range(0, len(bins), per_micro_batch)]
+    assert all(b["tokens"].shape == (per_micro_batch, 64) for b in stacked)
+    _check_bins(stacked, examples)
 
 
 def test_padded_layout_is_the_reference():
