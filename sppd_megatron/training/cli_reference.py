@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     args = parser.parse_args(argv)
     from sppd_megatron.parallel import state as pstate
-    from sppd_megatron.records import PreferencePair, read_jsonl, write_jsonl
+    from sppd_megatron.records import PreferencePair, iter_jsonl_lenient, write_jsonl
     from sppd_megatron.tokenization import load_tokenizer
     from sppd_megatron.training import data as tdata
     from sppd_megatron.training.trainer import build_policy, reference_logps, resolve_model_and_tokenizer
@@ -38,12 +38,15 @@ def main(argv: list[str]) -> int:
         model_cfg, tokenizer_spec = resolve_model_and_tokenizer(cfg)
         tokenizer = load_tokenizer(tokenizer_spec)
         examples = tdata.load_examples(cfg.data.train_file, cfg.stage, tokenizer, cfg.data.max_length,
-                                       model_cfg.vocab_size, append_eos=cfg.data.append_eos)
+                                       model_cfg.vocab_size, append_eos=cfg.data.append_eos,
+                                       overlong=cfg.data.overlong,
+                                       rejects=f"{args.out}.rejects.jsonl" if pstate.is_rank0() else None)
         model = build_policy(cfg, model_cfg)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         refs = reference_logps(model, examples, cfg, pad_id, model_cfg.vocab_size)
         if pstate.is_rank0():
-            records = list(read_jsonl(cfg.data.train_file, PreferencePair))
+            kept = {ex.line for ex in examples}  # data.overlong=drop leaves some out
+            records = [rec for line, rec, _ in iter_jsonl_lenient(cfg.data.train_file, PreferencePair) if line in kept]
             for rec, (chosen, rejected) in zip(records, refs):
                 rec.ref_chosen_logp, rec.ref_rejected_logp = chosen, rejected
             n = write_jsonl(args.out, records)

@@ -11,6 +11,8 @@ from sppd_megatron.models.config import ModelConfig
 from sppd_megatron.parallel.state import ParallelConfig
 
 Stage = Literal["sft", "dpo", "step_dpo", "svpo"]
+Overlong = Literal["error", "drop", "truncate"]
+"""``data.overlong``: what a record longer than ``data.max_length`` does (see DataConfig)."""
 
 
 @dataclass
@@ -38,7 +40,12 @@ class DataConfig:
     tokenizer: str | None = None
     """Tokenizer directory or ``builtin:char``; defaults to the init checkpoint's tokenizer."""
     max_length: int = 512
-    """Longest sequence (context + continuation + EOS); longer records are an error, not truncated."""
+    """Longest sequence (context + continuation + EOS); what a longer record does is ``overlong``'s."""
+    overlong: Overlong = "error"
+    """A record longer than ``max_length``: ``error`` stops before training with file:line (default);
+    ``drop`` leaves it out, listed in OUTPUT_DIR/rejects.jsonl and counted; ``truncate`` cuts its
+    context from the left, prompt side first (TRL's keep_end), never the continuation being scored.
+    ``sppd-megatron run`` never needs it: its pairs stage rejects what this setting would not take."""
     shuffle: bool = True
     append_eos: bool = True
     """Append EOS to continuations that end the solution (``ends``/``*_ends`` true); steps that do not end it never get EOS."""
