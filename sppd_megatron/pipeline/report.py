@@ -57,26 +57,34 @@ def table_rows(evals: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def markdown_table(evals: dict[str, dict]) -> str:
-    header, rows = table_rows(evals)
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table (what report.md holds and the README quotes)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def print_table(evals: dict[str, dict], title: str) -> None:
+def markdown_table(evals: dict[str, dict]) -> str:
+    return markdown(*table_rows(evals))
+
+
+def print_rows(header: list[str], rows: list[list[str]], title: str) -> None:
+    """The same table on the terminal (first column left-aligned, the others right)."""
     import sys
 
     from rich.console import Console
     from rich.table import Table
 
-    header, rows = table_rows(evals)
     table = Table(title=title)
     for i, h in enumerate(header):
         table.add_column(h, justify="left" if i == 0 else "right")
     for r in rows:
         table.add_row(*r)
     Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+def print_table(evals: dict[str, dict], title: str) -> None:
+    print_rows(*table_rows(evals), title)
 
 
 def pairs_counts(stats: dict) -> dict:

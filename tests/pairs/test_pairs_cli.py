@@ -128,3 +128,23 @@ def test_trainable_settings_are_checked_when_the_config_loads(tmp_path):
         PairsConfig(input_dir="x", output_dir="y", trainable=TrainableConfig("builtin:char", {"sftt": TrainingData(64)}))
     with pytest.raises(ValueError, match="needs trainable.tokenizer"):
         PairsConfig(input_dir="x", output_dir="y", trainable=TrainableConfig(None, {"sft": TrainingData(64)}))
+
+
+@pytest.mark.parametrize("recipe", sorted(p.parent.name for p in (ROOT / "configs" / "recipes").glob("*/pairs.yaml")))
+def test_recipe_pairs_check_what_the_recipe_trainers_take(recipe):
+    """A cluster recipe's pairs.yaml checks records against the same tokenizer and data settings as its
+    training recipes, so its datasets never hold a record those would refuse."""
+    from sppd_megatron.training.config import TrainConfig
+
+    folder = ROOT / "configs" / "recipes" / recipe
+    pairs = load_config(PairsConfig, folder / "pairs.yaml")
+    trainers = {"sft": "sft-*.yaml", "dpo": "dpo-*.yaml", "step": "step_dpo-*.yaml"}
+    assert set(pairs.trainable.datasets) == set(trainers)
+    for kind, pattern in trainers.items():
+        (path,) = folder.glob(pattern)
+        train = load_config(TrainConfig, path)
+        data = pairs.trainable.datasets[kind]
+        assert (data.max_length, data.append_eos, data.overlong) == (
+            train.data.max_length, train.data.append_eos, train.data.overlong), path
+        if train.init.source == "hf":
+            assert pairs.trainable.tokenizer == (train.data.tokenizer or train.init.path), path
