@@ -317,7 +317,7 @@ def print_stats(stats: dict, output_dir: str) -> None:
 
 def untrainable_summary(untrainable: dict[str, int]) -> str:
     """``SFT-PRM 0, DPO-PRM 2, step pairs 0``: records per checked dataset that training would refuse."""
-    return ", ".join(f"{DATASET_NAMES[kind]} {n}" for kind, n in untrainable.items())
+    return ", ".join(f"{name} {untrainable[kind]}" for kind, name in DATASET_NAMES.items() if kind in untrainable)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "demo"
 
 @dataclass(frozen=True)
 class DemoSize:
-    """How big the demo is; ``default`` is tuned for < 30 min on 2 cores, ``quick`` for < 5 min (the tests)."""
+    """How big the demo is; ``default`` is tuned for < 30 min on 2 cores, ``quick`` for ~6 min (the tests)."""
 
     pretrain_problems: int
     """Distinct 2-3 step problems the base model is trained on."""
@@ -206,7 +206,8 @@ def run_demo(out: Path, size: DemoSize, progress: bool = True, threads: int = 1,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sppd-megatron demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="CI size: under 5 minutes on 2 cores, no improvement promised")
+    parser.add_argument("--quick", action="store_true",
+                        help="the tests' size: every stage on real records, ~6 min on 2 cores, no improvement promised")
     parser.add_argument("--out", default=None, help="run directory (default runs/demo, or runs/demo-quick with --quick)")
     parser.add_argument("--threads", type=int, default=1, help="torch/OMP threads per process")
     parser.add_argument("--data-seed", type=int, default=DATA_SEED,

@@ -19,10 +19,11 @@ TRAINED = ("sft_prm", "dpo_prm", "step_dpo_none", "step_dpo_fixed", "step_dpo")
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~6 min on 2 cores; more when they are shared
 def test_demo_quick_trains_every_stage_on_real_records(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "sppd_megatron", "demo", "--quick", "--out", str(out), "--no-progress"],
-                          cwd=REPO, capture_output=True, text=True, timeout=900,
+                          cwd=REPO, capture_output=True, text=True, timeout=1700,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     printed = proc.stdout
