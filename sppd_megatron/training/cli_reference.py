@@ -5,6 +5,7 @@ policy (``init``) over ``data.train_file`` writes a copy of it with ``ref_chosen
 ``ref_rejected_logp`` filled. Training on that file needs no reference model at all. Runs in one
 process or under torchrun with the config's TP/PP layout. (``train`` does the same pass by itself
 when the records lack reference values; this verb is for preparing a dataset once for many runs.)
+With ``data.overlong=drop`` the records left out are not written; they are listed in OUT.rejects.jsonl.
 """
 
 from __future__ import annotations
