@@ -4,6 +4,11 @@ Writes into ``output_dir``: ``sft.jsonl`` (SFT-PRM), ``dpo.jsonl`` (DPO-PRM), ``
 (SPPD D_step), ``svpo_pairs.jsonl``, ``rejects.jsonl`` (every bad input line, unusable tree and
 bad pair, with file, line and reason) and ``pairs_stats.json``, and prints a stats table. Output
 order is deterministic: trees in shard order, pairs within a tree largest gap first.
+
+With ``trainable`` set (``sppd-megatron run`` sets it from its training recipes), every record is
+also turned into token rows exactly as ``train`` will (``training.data.build_example``): one that
+training would refuse, e.g. longer than its ``data.max_length``, goes to the rejects, not to the
+dataset.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from sppd_megatron.config import ConfigError, config_to_dict, parse_config_command, report_error
 from sppd_megatron.pairs.builders import (
@@ -27,11 +33,13 @@ from sppd_megatron.pairs.builders import (
     step_pairs,
     svpo_pairs,
 )
-from sppd_megatron.records import RecordError, Tree, iter_jsonl_lenient, write_jsonl
+from sppd_megatron.records import PreferencePair, RecordError, SFTExample, Tree, iter_jsonl_lenient, write_jsonl
 from sppd_megatron.scoring.cli import input_shards
 from sppd_megatron.scoring.rejects import RejectsFile
+from sppd_megatron.training.config import Overlong
 
 OUTPUTS = {"sft": "sft.jsonl", "dpo": "dpo.jsonl", "step": "step_pairs.jsonl", "svpo": "svpo_pairs.jsonl"}
+DATASET_NAMES = {"sft": "SFT-PRM", "dpo": "DPO-PRM", "step": "step pairs", "svpo": "SVPO pairs"}
 
 
 @dataclass
@@ -59,6 +67,40 @@ class SVPOConfig:
 
 
 @dataclass
+class TrainingData:
+    """The ``data`` settings of the training stage that reads a dataset (keys of ``train``'s DataConfig)."""
+
+    max_length: int
+    """That stage's ``data.max_length``."""
+    append_eos: bool = True
+    """That stage's ``data.append_eos``."""
+    overlong: Overlong = "error"
+    """That stage's ``data.overlong``: with ``truncate`` a record whose context can be cut to fit is kept."""
+
+    def __post_init__(self) -> None:
+        if self.max_length < 4:
+            raise ValueError("max_length must be at least 4")
+
+
+@dataclass
+class TrainableConfig:
+    """Check every built record the way ``train`` will read it, so training never meets one it refuses."""
+
+    tokenizer: str | None = None
+    """The tokenizer training uses (a directory or ``builtin:char``); unset: no check."""
+    datasets: dict[str, TrainingData] = field(default_factory=dict)
+    """Dataset (``sft``, ``dpo``, ``step``, ``svpo``) -> the data settings of the stage that trains on it;
+    a dataset not listed is not checked."""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.datasets) - set(OUTPUTS))
+        if unknown:
+            raise ValueError(f"trainable.datasets: unknown {unknown}; valid: {sorted(OUTPUTS)}")
+        if self.datasets and not self.tokenizer:
+            raise ValueError("trainable.datasets needs trainable.tokenizer")
+
+
+@dataclass
 class PairsConfig:
     """Which datasets to build from which scored trees."""
 
@@ -74,6 +116,8 @@ class PairsConfig:
     """SVPO pairs."""
     dedup: bool = True
     """Drop a pair identical (prompt, contexts, chosen, rejected) to one already kept in the same file."""
+    trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    """Reject records the training stage would refuse (``sppd-megatron run`` fills this in)."""
     progress: bool = True
     """Show a progress bar on stderr."""
 
@@ -120,6 +164,33 @@ def _pair_stats(pairs: list, per_question: Counter, questions: int) -> dict:
     }
 
 
+def training_checks(cfg: TrainableConfig) -> dict[str, Callable[[PreferencePair | SFTExample], tuple[str, str] | None]]:
+    """Dataset -> a function giving (category, reason) when its training stage would refuse a record.
+
+    The record goes through ``training.data.build_example``, the trainer's own tokenisation, with
+    that stage's settings; the vocabulary check is the model's and is left to training.
+    """
+    if not cfg.tokenizer or not cfg.datasets:
+        return {}
+    from sppd_megatron.tokenization import load_tokenizer
+    from sppd_megatron.training.data import TooLong, build_example
+
+    tokenizer = load_tokenizer(cfg.tokenizer)
+
+    def check(data: TrainingData):
+        def reason(record: PreferencePair | SFTExample) -> tuple[str, str] | None:
+            try:
+                build_example(record, tokenizer, data.max_length, None, data.append_eos, overlong=data.overlong)
+            except TooLong as exc:
+                return "too long for training", f"training would refuse it: {exc.reason}"
+            except RecordError as exc:
+                return "not trainable", f"training would refuse it: {exc.reason}"
+            return None
+        return reason
+
+    return {kind: check(data) for kind, data in cfg.datasets.items()}
+
+
 def run_pairs(cfg: PairsConfig) -> dict:
     """Build every dataset of ``cfg``; returns the stats written to ``pairs_stats.json``."""
     from tqdm import tqdm
@@ -131,6 +202,8 @@ def run_pairs(cfg: PairsConfig) -> dict:
     seen: dict[str, set] = {k: set() for k in OUTPUTS}
     per_question: dict[str, Counter] = {k: Counter() for k in OUTPUTS}
     duplicates = Counter()
+    untrainable = Counter()
+    checks = training_checks(cfg.trainable)
     trees_read = trees_used = 0
     tree_ids: set[str] = set()
     bar = tqdm(desc="pairs", unit="tree", disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
@@ -142,6 +215,10 @@ def run_pairs(cfg: PairsConfig) -> dict:
                 reason = invalid_reason(record)
                 if reason:
                     category = "pair without signal" if "identical" in reason else f"invalid {record.kind} record"
+                elif kind in checks and (refused := checks[kind](record)):
+                    category, reason = refused
+                    untrainable[kind] += 1
+                if reason:
                     rejects.add(file, line, reason, category, output=OUTPUTS[kind], question_id=record.question_id)
                 else:
                     valid.append(record)
@@ -193,6 +270,7 @@ def run_pairs(cfg: PairsConfig) -> dict:
             "rejected": rejects.count,
             "rejected_by_reason": dict(sorted(rejects.reasons.items())),
             "duplicates_removed": dict(sorted(duplicates.items())),
+            "untrainable": {kind: untrainable[kind] for kind in checks},
             "sft": {"examples": written["sft"], "questions_without_correct": trees_used - written["sft"]},
             "dpo": {"pairs": written["dpo"],
                     "gap_mean": round(sum(gap(p) for p in data["dpo"]) / len(data["dpo"]), 4) if data["dpo"] else None},
@@ -233,6 +311,13 @@ def print_stats(stats: dict, output_dir: str) -> None:
     reasons = ", ".join(f"{k} {n}" for k, n in stats["rejected_by_reason"].items())
     console.print(f"rejected: {stats['rejected']}" + (f" ({reasons}; see rejects.jsonl)" if reasons else "")
                   + f"; duplicates removed: {dups}")
+    if stats["untrainable"]:
+        console.print(f"refused by training (in rejects.jsonl): {untrainable_summary(stats['untrainable'])}")
+
+
+def untrainable_summary(untrainable: dict[str, int]) -> str:
+    """``SFT-PRM 0, DPO-PRM 2, step pairs 0``: records per checked dataset that training would refuse."""
+    return ", ".join(f"{name} {untrainable[kind]}" for kind, name in DATASET_NAMES.items() if kind in untrainable)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -125,7 +125,9 @@ class RunConfig:
     score: dict[str, Any] = field(default_factory=dict)
     """ScoreConfig keys (scorers, mc.rollouts, ...); ``mc.model`` is set to the iteration's policy."""
     pairs: dict[str, Any] = field(default_factory=dict)
-    """PairsConfig keys (value_name, step.threshold, ...)."""
+    """PairsConfig keys (value_name, step.threshold, ...). ``trainable`` is the run's: the policy's
+    tokenizer and the ``data`` settings of each training stage, so no dataset holds a record its
+    stage would refuse."""
     train: TrainStagesConfig = field(default_factory=TrainStagesConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     progress: bool = True
@@ -152,7 +154,7 @@ class RunConfig:
         # Each section must build its stage's config: typos fail now, not after an hour of sampling.
         self.sample_config("<policy>", "<out>")
         self.score_config("<in>", "<out>", "<policy>")
-        self.pairs_config("<in>", "<out>")
+        self.pairs_config("<in>", "<out>", "<policy>")
         for name in TRAIN_STAGES:
             if name in self.stages:
                 self.train_config(name, "<out>", "hf", "<policy>", "<data>")
@@ -177,11 +179,22 @@ class RunConfig:
         mc.setdefault("rollouts", {})["seed"] = self.seed
         return config_from_dict(ScoreConfig, data, "run config, section score")
 
-    def pairs_config(self, input_dir: str | Path, output_dir: str | Path):
+    def pairs_config(self, input_dir: str | Path, output_dir: str | Path, policy: str):
+        """The pairs stage's config; records are checked against the training stages that read them
+        (tokenizer: ``policy``'s, which every training stage of the iteration uses)."""
         from sppd_megatron.pairs.cli import PairsConfig
 
+        if "trainable" in self.pairs:
+            raise ValueError("pairs.trainable is set by the run (the policy's tokenizer and the training "
+                             "recipes' data settings); remove it from the run config")
         data = copy.deepcopy(self.pairs)
-        data.update(input_dir=str(input_dir), output_dir=str(output_dir), progress=self.progress)
+        datasets = {}
+        for name, (_, dataset) in TRAIN_STAGES.items():
+            if name in self.stages:
+                train_data = self.train_config(name, "<out>", "hf", policy, "<data>")["data"]
+                datasets[dataset] = {k: train_data[k] for k in ("max_length", "append_eos", "overlong")}
+        data.update(input_dir=str(input_dir), output_dir=str(output_dir), progress=self.progress,
+                    trainable={"tokenizer": policy if datasets else None, "datasets": datasets})
         return config_from_dict(PairsConfig, data, "run config, section pairs")
 
     def train_config(self, stage: str, output_dir: str | Path, init_source: str, init_path: str | None,

@@ -29,7 +29,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "demo"
 
 @dataclass(frozen=True)
 class DemoSize:
-    """How big the demo is; ``default`` is tuned for < 30 min on 2 cores, ``quick`` for < 5 min (CI)."""
+    """How big the demo is; ``default`` is tuned for < 30 min on 2 cores, ``quick`` for ~6 min (the tests)."""
 
     pretrain_problems: int
     """Distinct 2-3 step problems the base model is trained on."""
@@ -48,13 +48,17 @@ class DemoSize:
     misconception_rate: float = 0.0
     """Share of the pretraining corpus's "triples" steps written as doublings (see :mod:`.problems`):
     the base model's systematic step error, which SPPD has to find from gold answers alone."""
+    train_batch: int | None = None
+    """Global (and micro) batch of the SPPD training stages; None keeps the recipes' (16)."""
 
 
 PRESETS = {
     "default": DemoSize(pretrain_problems=4000, pretrain_steps=600, prompts=1024, heldout=200, ood=200, K=16, maj_n=5,
                         misconception_rate=0.65),
-    "quick": DemoSize(pretrain_problems=500, pretrain_steps=60, prompts=24, heldout=24, ood=24, K=6, maj_n=3,
-                      misconception_rate=0.65),
+    # Pretrained long enough to solve some prompts (a sixth of held-out problems), so that every pairs
+    # dataset gets records and, at batch 4, every training stage takes several optimizer steps.
+    "quick": DemoSize(pretrain_problems=1000, pretrain_steps=300, prompts=64, heldout=24, ood=24, K=8, maj_n=3,
+                      misconception_rate=0.65, train_batch=4),
 }
 DATA_SEED = 0
 """Default seed of the generated problems (``--data-seed``); training and sampling seeds live in the recipes."""
@@ -130,11 +134,17 @@ def run_overrides(out: Path, size: DemoSize, files: dict[str, str], policy_hf: s
         f"eval.benchmarks.heldout.path={files['heldout']}", f"eval.benchmarks.ood.path={files['ood']}",
         f"sample.K={size.K}", f"eval.modes=[greedy, 'maj@{size.maj_n}']", f"train.threads={threads}",
         *(f"train.{stage}.config={_config_file(stage + '.yaml')}" for stage in ("sft_prm", "dpo_prm", "step_dpo")),
+        *(f"train.{stage}.overrides.schedule.{key}={size.train_batch}" for stage in ("sft_prm", "dpo_prm", "step_dpo")
+          for key in ("global_batch_size", "micro_batch_size") if size.train_batch),
     ]
 
 
-def misconception_breakdown(run_dir: Path, models: list[str], benchmark: str = "heldout") -> list[str]:
-    """Greedy accuracy per model on the ``benchmark`` problems with and without a "triples" step.
+SPLIT_HEADER = ["model", 'problems with a "triples" step', "the other problems"]
+
+
+def misconception_breakdown(run_dir: Path, models: list[str], benchmark: str = "heldout") -> list[list[str]]:
+    """Greedy accuracy per model on the ``benchmark`` problems with and without a "triples" step,
+    as table rows under :data:`SPLIT_HEADER` (``["Base", "4/64", "61/136"]``).
 
     The pretraining corpus's misconception is about "triples" steps only, so this split shows where
     each stage's change comes from. Read from the last iteration's eval predictions.
@@ -145,7 +155,7 @@ def misconception_breakdown(run_dir: Path, models: list[str], benchmark: str = "
     iters = sorted(run_dir.glob("iter*/eval"), key=lambda p: int(p.parent.name[4:]))
     if not iters:
         return []
-    lines = []
+    rows = []
     for model in models:
         path = iters[-1] / model / "predictions.jsonl"
         if not path.is_file():
@@ -156,9 +166,8 @@ def misconception_breakdown(run_dir: Path, models: list[str], benchmark: str = "
                 c = counts["triples" in pred.question]
                 c[0] += int(pred.greedy_correct)
                 c[1] += 1
-        lines.append(f"{row_label(model)}: {counts[True][0]}/{counts[True][1]} with a triples step, "
-                     f"{counts[False][0]}/{counts[False][1]} without")
-    return lines
+        rows.append([row_label(model), "{}/{}".format(*counts[True]), "{}/{}".format(*counts[False])])
+    return rows
 
 
 def run_demo(out: Path, size: DemoSize, progress: bool = True, threads: int = 1, log=print,
@@ -167,7 +176,7 @@ def run_demo(out: Path, size: DemoSize, progress: bool = True, threads: int = 1,
     import torch
 
     from sppd_megatron.pipeline.config import load_run_config
-    from sppd_megatron.pipeline.report import write_report
+    from sppd_megatron.pipeline.report import markdown, print_rows, write_report
     from sppd_megatron.pipeline.runner import run_pipeline
 
     torch.set_num_threads(threads)
@@ -184,9 +193,9 @@ def run_demo(out: Path, size: DemoSize, progress: bool = True, threads: int = 1,
                       "pretrain_metrics": base.get("metrics")}
     breakdown = misconception_breakdown(Path(cfg.run_dir), list(cfg.eval.models))
     if breakdown:
-        log(f"{_SPLIT_TITLE}:\n  " + "\n  ".join(breakdown))
+        print_rows(SPLIT_HEADER, breakdown, _SPLIT_TITLE)
     report["demo"]["misconception_breakdown"] = breakdown
-    notes = ([f"{_SPLIT_TITLE}: " + "; ".join(breakdown) + ".", ""] if breakdown else []) + [
+    notes = ([f"## {_SPLIT_TITLE}", "", markdown(SPLIT_HEADER, breakdown), ""] if breakdown else []) + [
              f"Settings: {asdict(size)}, data seed {data_seed}; base model trained by `train` (configs/demo/pretrain.yaml).",
              f"Wall time of this invocation: {seconds / 60:.1f} min ({threads} thread(s) per process; "
              "finished stages are skipped on re-runs, so a re-run's time is not the full demo's)."]
@@ -197,7 +206,8 @@ def run_demo(out: Path, size: DemoSize, progress: bool = True, threads: int = 1,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sppd-megatron demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="CI size: under 5 minutes on 2 cores, no improvement promised")
+    parser.add_argument("--quick", action="store_true",
+                        help="the tests' size: every stage on real records, ~6 min on 2 cores, no improvement promised")
     parser.add_argument("--out", default=None, help="run directory (default runs/demo, or runs/demo-quick with --quick)")
     parser.add_argument("--threads", type=int, default=1, help="torch/OMP threads per process")
     parser.add_argument("--data-seed", type=int, default=DATA_SEED,

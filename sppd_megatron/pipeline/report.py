@@ -57,26 +57,51 @@ def table_rows(evals: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def markdown_table(evals: dict[str, dict]) -> str:
-    header, rows = table_rows(evals)
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table (what report.md holds and the README quotes)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def print_table(evals: dict[str, dict], title: str) -> None:
+def markdown_table(evals: dict[str, dict]) -> str:
+    return markdown(*table_rows(evals))
+
+
+def print_rows(header: list[str], rows: list[list[str]], title: str) -> None:
+    """The same table on the terminal (first column left-aligned, the others right)."""
     import sys
 
     from rich.console import Console
     from rich.table import Table
 
-    header, rows = table_rows(evals)
     table = Table(title=title)
     for i, h in enumerate(header):
         table.add_column(h, justify="left" if i == 0 else "right")
     for r in rows:
         table.add_row(*r)
     Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+def print_table(evals: dict[str, dict], title: str) -> None:
+    print_rows(*table_rows(evals), title)
+
+
+def pairs_counts(stats: dict) -> dict:
+    """What the pairs stage built and what it refused on training's behalf (from ``pairs_stats.json``)."""
+    return {"trees_used": stats["trees_used"], "sft": stats["sft"]["examples"], "dpo": stats["dpo"]["pairs"],
+            "step": stats["step"]["pairs"], "untrainable": stats.get("untrainable", {})}
+
+
+def pairs_line(counts: dict) -> str:
+    """``SFT-PRM 312, DPO-PRM 198, step pairs 480 from 1024 trees; refused by training ...: DPO-PRM 2, ...``."""
+    from sppd_megatron.pairs.cli import untrainable_summary
+
+    line = (f"SFT-PRM {counts['sft']}, DPO-PRM {counts['dpo']}, step pairs {counts['step']} "
+            f"from {counts['trees_used']} trees")
+    if counts["untrainable"]:
+        line += f"; refused by training (in pairs/rejects.jsonl): {untrainable_summary(counts['untrainable'])}"
+    return line
 
 
 def write_report(run_dir: str | Path, report: dict, title: str, notes: list[str] | None = None) -> tuple[Path, Path]:
@@ -87,10 +112,12 @@ def write_report(run_dir: str | Path, report: dict, title: str, notes: list[str]
     for it, body in report.get("iterations", {}).items():
         if body.get("eval"):
             md += [f"## Iteration {it}: accuracy % (correct/n)", "", markdown_table(body["eval"]), ""]
+        if body.get("pairs"):
+            md += [f"Pairs (iteration {it}): {pairs_line(body['pairs'])}.", ""]
         if body.get("train"):
             md += [f"Training (iteration {it}): " + "; ".join(
-                f"{row_label(k)}: {v['step']} steps, final loss {v['loss']:.4f}" for k, v in body["train"].items()
-                if v) + ".", ""]
+                f"{row_label(k)}: " + (f"{v['step']} steps, final loss {v['loss']:.4f}" if v else "no records, not trained")
+                for k, v in body["train"].items()) + ".", ""]
     md += notes or []
     for path, text in ((json_path, json.dumps(report, indent=2, sort_keys=True) + "\n"), (md_path, "\n".join(md) + "\n")):
         tmp = path.with_name(path.name + ".tmp")

@@ -15,7 +15,7 @@ from typing import Callable
 
 from sppd_megatron.config import config_to_dict
 from sppd_megatron.pipeline.config import TRAIN_STAGES, RunConfig
-from sppd_megatron.pipeline.report import print_table, results, write_report
+from sppd_megatron.pipeline.report import pairs_counts, print_table, results, write_report
 from sppd_megatron.pipeline.stages import (
     eval_stage,
     pairs_stage,
@@ -36,6 +36,11 @@ def _last_metrics(outputs: dict[str, str]) -> dict | None:
     return json.loads(lines[-1]) if lines else None
 
 
+def _pairs_counts(outputs: dict[str, str]) -> dict | None:
+    path = outputs.get("stats")
+    return pairs_counts(json.loads(Path(path).read_text())) if path and Path(path).is_file() else None
+
+
 def run_iteration(cfg: RunConfig, it: int, policy_hf: str, log: Callable[[str], None]) -> dict:
     """One pass of the loop from ``policy_hf``; returns the models, their evals and training metrics."""
     it_dir = Path(cfg.run_dir) / f"iter{it}"
@@ -49,7 +54,7 @@ def run_iteration(cfg: RunConfig, it: int, policy_hf: str, log: Callable[[str], 
     if "score" in stages:
         scored = score_stage(cfg, it_dir / "score", trees, policy_hf, log)
     if "pairs" in stages:
-        pairs.update(pairs_stage(cfg, it_dir / "pairs", scored, log))
+        pairs.update(pairs_stage(cfg, it_dir / "pairs", scored, policy_hf, log))
 
     models: dict[str, dict[str, str]] = {"base": {"hf": policy_hf}}
     current: dict[str, str] = {"hf": policy_hf}
@@ -71,6 +76,7 @@ def run_iteration(cfg: RunConfig, it: int, policy_hf: str, log: Callable[[str], 
                 evals[model] = eval_stage(cfg, it_dir / "eval" / model, model, models[model]["hf"], log)
     return {
         "policy": policy_hf,
+        "pairs": _pairs_counts(pairs),
         "models": {m: out.get("hf") for m, out in models.items()},
         "train": {m: _last_metrics(out) for m, out in models.items() if m != "base"},
         "eval": evals,

@@ -137,17 +137,17 @@ def score_stage(cfg: RunConfig, stage_dir: Path, trees: str, policy_hf: str, log
     return run_stage(stage_dir, "score", config_to_dict(score_cfg), inputs, body, log)["scored"]
 
 
-def pairs_stage(cfg: RunConfig, stage_dir: Path, scored: str, log: Log) -> dict[str, str]:
+def pairs_stage(cfg: RunConfig, stage_dir: Path, scored: str, policy_hf: str, log: Log) -> dict[str, str]:
+    """Build the datasets; records a training stage would refuse (too long...) go to rejects.jsonl."""
     from sppd_megatron.pairs.cli import OUTPUTS
 
-    pairs_cfg = cfg.pairs_config(scored, stage_dir)
+    pairs_cfg = cfg.pairs_config(scored, stage_dir, policy_hf)
 
     def body() -> dict:
         from sppd_megatron.pairs.cli import run_pairs
+        from sppd_megatron.pipeline.report import pairs_counts, pairs_line
 
-        stats = run_pairs(pairs_cfg)
-        log(f"[pairs] SFT-PRM {stats['sft']['examples']}, DPO-PRM {stats['dpo']['pairs']}, "
-            f"step pairs {stats['step']['pairs']} from {stats['trees_used']} trees")
+        log(f"[pairs] {pairs_line(pairs_counts(run_pairs(pairs_cfg)))}")
         names = {k: v for k, v in OUTPUTS.items() if k != "svpo" or pairs_cfg.svpo.enabled}
         return {**{kind: stage_dir / name for kind, name in names.items()}, "stats": stage_dir / "pairs_stats.json"}
 
@@ -199,7 +199,8 @@ def train_and_export(stage_dir: Path, label: str, train_cfg: dict, init: dict[st
     """Run ``sppd-megatron train`` on ``train_cfg`` (a TrainConfig dict) in a child, then export to HF.
 
     Returns ``{"checkpoint", "hf", "metrics"}``. With no training records (e.g. no question had
-    both a correct and an incorrect solution) the stage passes ``init`` through and says so.
+    both a correct and an incorrect solution) the stage passes ``init``'s model through (no
+    ``metrics``: it took no step) and says so.
     """
     train_file = train_cfg["data"]["train_file"]
 
@@ -207,7 +208,7 @@ def train_and_export(stage_dir: Path, label: str, train_cfg: dict, init: dict[st
         n = count_records(train_file)
         if n == 0:
             log(f"[{label}] WARNING: {train_file} has no records; the stage passes its starting policy through")
-            return dict(init)
+            return {k: v for k, v in init.items() if k in ("checkpoint", "hf")}
         stage_dir.mkdir(parents=True, exist_ok=True)
         recipe = stage_dir / "train.yaml"
         recipe.write_text(yaml.safe_dump(train_cfg, sort_keys=False))

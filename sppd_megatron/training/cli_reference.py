@@ -5,6 +5,7 @@ policy (``init``) over ``data.train_file`` writes a copy of it with ``ref_chosen
 ``ref_rejected_logp`` filled. Training on that file needs no reference model at all. Runs in one
 process or under torchrun with the config's TP/PP layout. (``train`` does the same pass by itself
 when the records lack reference values; this verb is for preparing a dataset once for many runs.)
+With ``data.overlong=drop`` the records left out are not written; they are listed in OUT.rejects.jsonl.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def main(argv: list[str]) -> int:
     # Intermixed: overrides may follow --out, as the usage line writes them.
     args = parser.parse_intermixed_args(argv)
     from sppd_megatron.parallel import state as pstate
-    from sppd_megatron.records import PreferencePair, read_jsonl, write_jsonl
+    from sppd_megatron.records import PreferencePair, iter_jsonl_lenient, write_jsonl
     from sppd_megatron.tokenization import load_tokenizer
     from sppd_megatron.training import data as tdata
     from sppd_megatron.training.model import build_policy, resolve_model_and_tokenizer
@@ -40,12 +41,15 @@ def main(argv: list[str]) -> int:
         model_cfg, tokenizer_spec = resolve_model_and_tokenizer(cfg)
         tokenizer = load_tokenizer(tokenizer_spec)
         examples = tdata.load_examples(cfg.data.train_file, cfg.stage, tokenizer, cfg.data.max_length,
-                                       model_cfg.vocab_size, append_eos=cfg.data.append_eos)
+                                       model_cfg.vocab_size, append_eos=cfg.data.append_eos,
+                                       overlong=cfg.data.overlong,
+                                       rejects=f"{args.out}.rejects.jsonl" if pstate.is_rank0() else None)
         model = build_policy(cfg, model_cfg)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         refs = reference_logps(model, examples, cfg, pad_id, model_cfg.vocab_size)
         if pstate.is_rank0():
-            records = list(read_jsonl(cfg.data.train_file, PreferencePair))
+            kept = {ex.line for ex in examples}  # data.overlong=drop leaves some out
+            records = [rec for line, rec, _ in iter_jsonl_lenient(cfg.data.train_file, PreferencePair) if line in kept]
             for rec, (chosen, rejected) in zip(records, refs):
                 rec.ref_chosen_logp, rec.ref_rejected_logp = chosen, rejected
             n = write_jsonl(args.out, records)

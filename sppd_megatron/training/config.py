@@ -11,6 +11,8 @@ from sppd_megatron.models.config import ModelConfig
 from sppd_megatron.parallel.state import ParallelConfig
 
 Stage = Literal["sft", "dpo", "step_dpo", "svpo"]
+Overlong = Literal["error", "drop", "truncate"]
+"""``data.overlong``: what a record longer than ``data.max_length`` does (see DataConfig)."""
 
 
 @dataclass
@@ -38,11 +40,17 @@ class DataConfig:
     tokenizer: str | None = None
     """Tokenizer directory or ``builtin:char``; defaults to the init checkpoint's tokenizer."""
     max_length: int = 512
-    """Longest sequence (context + continuation + EOS); longer records are an error, not truncated."""
+    """Longest sequence (context + continuation + EOS); what a longer record does is ``overlong``'s."""
+    overlong: Overlong = "error"
+    """A record longer than ``max_length``: ``error`` stops before training with file:line (default);
+    ``drop`` leaves it out, listed in OUTPUT_DIR/rejects.jsonl and counted; ``truncate`` cuts its
+    context from the left, prompt side first (TRL's keep_end), never the continuation being scored.
+    ``sppd-megatron run`` never needs it: its pairs stage rejects what this setting would not take."""
     packing: Literal["none", "sequences", "pairs", "trees"] = "trees"
     """How examples become micro-batches (sppd_megatron/training/packing.py): ``none`` pads every
     sequence to ``max_length`` (``micro_batch_size`` examples per micro-batch); the others pack whole
-    examples into bins of ``pack_length`` tokens with no padding per row (one bin per micro-batch):
+    examples into bins of ``pack_length`` tokens with no padding per row (``micro_batch_size`` bins
+    per micro-batch):
     ``sequences`` shares nothing, ``pairs`` computes a pair's context once, ``trees`` computes every
     prefix shared by the consecutive pairs of one ``group_by`` group once (for SFT all three pack
     sequences). Every layout gives the same per-pair log-probs and loss."""

@@ -4,9 +4,14 @@ Texts are tokenised with :func:`sppd_megatron.tokenization.encode`, as sampling 
 prompts the steps were generated from, so a model trains on the ids it was sampled with.
 
 Every record is read, validated and tokenised before the first forward pass, so bad data (missing
-fields, an empty step, NaN values, a pair longer than ``max_length``, ids outside the model's
-vocabulary, a step that re-tokenises differently when joined to its prefix) stops the run with
-``file:line: reason`` before any training time is spent.
+fields, an empty step, NaN values, ids outside the model's vocabulary, a step that re-tokenises
+differently when joined to its prefix) stops the run with ``file:line: reason`` before any
+training time is spent. A record longer than ``max_length`` does too, unless ``data.overlong``
+says otherwise (``drop`` it to a rejects file, or ``truncate`` its context; see DataConfig).
+
+:func:`build_example` is the one place a record becomes token rows: ``sppd-megatron pairs`` calls
+it on every record it builds, with the training stage's settings, so the loop never hands
+training a record that training would refuse.
 
 A pair is two rows (chosen, rejected) that always travel together, so they share a micro-batch.
 """
@@ -19,12 +24,17 @@ from pathlib import Path
 
 from sppd_megatron.records import PreferencePair, RecordError, SFTExample, iter_jsonl_lenient
 from sppd_megatron.tokenization import encode
+from sppd_megatron.training.config import Overlong
 
 MAX_REPORTED_ERRORS = 10
 
 
 class DataError(ValueError):
     """Bad training data; the message lists ``file:line: reason`` for each problem found."""
+
+
+class TooLong(RecordError):
+    """A record whose rows do not fit ``max_length`` under the ``data.overlong`` mode in force."""
 
 
 @dataclass
@@ -44,6 +54,8 @@ class Example:
     where: str  # file:line, for messages
     tree: str = ""  # the question the record came from (data.group_by: tree)
     state: str = ""  # the context its continuations share (data.group_by: state)
+    line: int = 0  # the record's line in its file
+    truncated: bool = False  # a row's context was cut to fit (data.overlong=truncate)
 
 
 def _tokenize_continuation(tokenizer, context: str, continuation: str) -> tuple[list[int], int]:
@@ -67,12 +79,65 @@ def _row(tokenizer, context: str, continuation: str, ends: bool, append_eos: boo
     return Row(ids=ids, context_len=ctx_len, ends_with_eos=eos)
 
 
+def _fit(row: Row, max_length: int, overlong: Overlong) -> Row:
+    """``row`` if it fits ``max_length``; its left-truncated copy under ``truncate``; else TooLong."""
+    if len(row.ids) <= max_length:
+        return row
+    if overlong != "truncate":
+        raise TooLong(f"sequence of {len(row.ids)} tokens is longer than data.max_length={max_length} "
+                      "(raise data.max_length, or set data.overlong=drop or truncate)")
+    cut = len(row.ids) - max_length
+    if cut >= row.context_len:  # at least one context token must stay to predict the first scored one
+        raise TooLong(f"continuation of {len(row.ids) - row.context_len} tokens does not fit data.max_length="
+                      f"{max_length} with any context; data.overlong=truncate cuts only the context, never the "
+                      "continuation (raise data.max_length)")
+    return Row(ids=row.ids[cut:], context_len=row.context_len - cut, ends_with_eos=row.ends_with_eos)
+
+
+def build_example(rec: SFTExample | PreferencePair, tokenizer, max_length: int, vocab_size: int | None = None,
+                  append_eos: bool = True, need_values: bool = False, overlong: Overlong = "error",
+                  where: str = "", line: int = 0) -> Example:
+    """The token rows of one record, as training sees them; RecordError (TooLong if too long) says why not.
+
+    ``vocab_size`` None skips the vocabulary check (a caller that knows the tokenizer, not the model).
+    """
+    if isinstance(rec, SFTExample):
+        rows = [_row(tokenizer, rec.prompt, rec.response, rec.ends, append_eos)]
+        values, refs = [rec.value], [None]
+    else:
+        if need_values and (rec.chosen_value is None or rec.rejected_value is None):
+            raise RecordError("chosen_value and rejected_value are required by this loss (dynamic margin / SVPO)")
+        rows = [
+            _row(tokenizer, rec.prompt + rec.prefix, rec.chosen, rec.chosen_ends, append_eos),
+            _row(tokenizer, rec.prompt + rec.rejected_context, rec.rejected, rec.rejected_ends, append_eos),
+        ]
+        values = [rec.chosen_value, rec.rejected_value]
+        refs = [rec.ref_chosen_logp, rec.ref_rejected_logp]
+    fitted = [_fit(r, max_length, overlong) for r in rows]
+    if vocab_size is not None:
+        top = max(max(r.ids) for r in fitted)
+        if top >= vocab_size:
+            raise RecordError(
+                f"token id {top} is outside the model's vocabulary ({vocab_size}): wrong tokenizer for this model?"
+            )
+    state = rec.prompt if isinstance(rec, SFTExample) else rec.prompt + rec.prefix
+    return Example(rows=fitted, values=values, ref_logps=refs, where=where, line=line,
+                   truncated=any(f is not r for f, r in zip(fitted, rows)), tree=rec.question_id or where,
+                   state=state)
+
+
 def load_examples(path: str | Path, stage: str, tokenizer, max_length: int, vocab_size: int,
-                  append_eos: bool = True, need_values: bool = False) -> list[Example]:
-    """Read, validate and tokenise every record of ``path``; raise DataError listing what is wrong."""
+                  append_eos: bool = True, need_values: bool = False, overlong: Overlong = "error",
+                  rejects: str | Path | None = None) -> list[Example]:
+    """Read, validate and tokenise every record of ``path``; raise DataError listing what is wrong.
+
+    With ``overlong=drop`` the records too long are left out; ``rejects`` (given on one rank) is
+    where they are listed, ``{"file", "line", "reason"}`` each, and the counts are printed.
+    """
     record_cls = SFTExample if stage == "sft" else PreferencePair
     errors: list[str] = []
     examples: list[Example] = []
+    dropped: list[tuple[int, str]] = []
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: training file not found")
@@ -83,44 +148,41 @@ def load_examples(path: str | Path, stage: str, tokenizer, max_length: int, voca
     for lineno, rec, reason in iter_jsonl_lenient(path, record_cls):
         if rec is None:
             fail(lineno, reason)
-            if len(errors) >= MAX_REPORTED_ERRORS:
-                break
-            continue
-        try:
-            if isinstance(rec, SFTExample):
-                rows = [_row(tokenizer, rec.prompt, rec.response, rec.ends, append_eos)]
-                values, refs = [rec.value], [None]
-            else:
-                if need_values and (rec.chosen_value is None or rec.rejected_value is None):
-                    raise RecordError("chosen_value and rejected_value are required by this loss (dynamic margin / SVPO)")
-                rows = [
-                    _row(tokenizer, rec.prompt + rec.prefix, rec.chosen, rec.chosen_ends, append_eos),
-                    _row(tokenizer, rec.prompt + rec.rejected_context, rec.rejected, rec.rejected_ends, append_eos),
-                ]
-                values = [rec.chosen_value, rec.rejected_value]
-                refs = [rec.ref_chosen_logp, rec.ref_rejected_logp]
-            for r in rows:
-                if len(r.ids) > max_length:
-                    raise RecordError(
-                        f"sequence of {len(r.ids)} tokens is longer than data.max_length={max_length} "
-                        "(raise data.max_length or drop the record)"
-                    )
-                top = max(r.ids)
-                if top >= vocab_size:
-                    raise RecordError(
-                        f"token id {top} is outside the model's vocabulary ({vocab_size}): wrong tokenizer for this model?"
-                    )
-            tree = rec.question_id or f"{path}:{lineno}"
-            state = rec.prompt if isinstance(rec, SFTExample) else rec.prompt + rec.prefix
-            examples.append(Example(rows=rows, values=values, ref_logps=refs, where=f"{path}:{lineno}", tree=tree,
-                                    state=state))
-        except RecordError as exc:
-            fail(lineno, exc.reason)
+        else:
+            try:
+                examples.append(build_example(rec, tokenizer, max_length, vocab_size, append_eos, need_values,
+                                              overlong, where=f"{path}:{lineno}", line=lineno))
+            except TooLong as exc:
+                if overlong == "drop":
+                    dropped.append((lineno, exc.reason))
+                else:
+                    fail(lineno, exc.reason)
+            except RecordError as exc:
+                fail(lineno, exc.reason)
         if len(errors) >= MAX_REPORTED_ERRORS:
             break
     if errors:
         more = " (stopped after the first 10)" if len(errors) >= MAX_REPORTED_ERRORS else ""
         raise DataError(f"bad training data in {path}{more}:\n" + "\n".join(errors))
+    if rejects is not None:
+        _report_overlong(path, rejects, overlong, dropped, sum(ex.truncated for ex in examples), max_length)
     if not examples:
-        raise DataError(f"{path}: no records")
+        raise DataError(f"{path}: no records" + (f" left after dropping {len(dropped)} longer than "
+                                                 f"data.max_length={max_length}" if dropped else ""))
     return examples
+
+
+def _report_overlong(path: Path, rejects: str | Path, overlong: Overlong, dropped: list[tuple[int, str]],
+                     truncated: int, max_length: int) -> None:
+    from sppd_megatron.scoring.rejects import RejectsFile
+
+    if overlong == "drop":  # the file is rewritten every time, as the records are re-read
+        with RejectsFile(rejects) as out:
+            for line, reason in dropped:
+                out.add(path, line, reason, "longer than data.max_length")
+    if dropped:
+        print(f"{path}: dropped {len(dropped)} record(s) longer than data.max_length={max_length} "
+              f"(data.overlong=drop); listed in {rejects}", flush=True)
+    if truncated:
+        print(f"{path}: truncated the context of {truncated} record(s) to data.max_length={max_length} "
+              "(data.overlong=truncate)", flush=True)

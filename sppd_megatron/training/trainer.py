@@ -60,6 +60,7 @@ def train(cfg: TrainConfig) -> dict:
         cfg.data.train_file, cfg.stage, tokenizer, cfg.data.max_length, model_cfg.vocab_size,
         append_eos=cfg.data.append_eos,
         need_values=cfg.stage == "svpo" or (cfg.stage == "step_dpo" and cfg.loss.margin_mode == "dynamic"),
+        overlong=cfg.data.overlong, rejects=out_dir / "rejects.jsonl" if pstate.is_rank0() else None,
     )
     too_big = oversized(examples, cfg.data.packing, cfg.data.pack_length)
     if too_big:

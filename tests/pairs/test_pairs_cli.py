@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from sppd_megatron.config import load_config
-from sppd_megatron.pairs.cli import PairsConfig, main, run_pairs
+from sppd_megatron.pairs.cli import PairsConfig, TrainableConfig, TrainingData, main, run_pairs
 from sppd_megatron.pairs.handmade import handmade_tree, step
 from sppd_megatron.records import PreferencePair, SFTExample, read_jsonl, write_jsonl
 
@@ -90,3 +92,59 @@ def test_main_prints_a_table_and_fails_cleanly(tmp_path, capsys):
     assert "step_pairs.jsonl" in printed and "rejected: 4" in printed
     assert main([str(config), "step.threshold=1.5"]) == 2
     assert "threshold" in capsys.readouterr().err
+
+
+def test_records_training_would_refuse_go_to_rejects_with_their_reason(tmp_path, capsys):
+    """With ``trainable`` set, a record longer than its training stage's data.max_length is rejected,
+    counted, and never written to the dataset; the others are untouched."""
+    inputs = tmp_path / "scored"
+    write_jsonl(inputs / "trees-00000.jsonl", [scored_tree("q1"), scored_tree("q2")])
+    # q1's DPO-PRM chosen row is 35 prompt + 32 response + EOS = 68 tokens (q2's too); step pairs are 58; SVPO rows up to 68 fit 58 by truncating their context.
+    trainable = "trainable={tokenizer: 'builtin:char', datasets: {sft: {max_length: 68}, dpo: {max_length: 67}, " \
+                "step: {max_length: 58}, svpo: {max_length: 58, overlong: truncate}}}"
+    config = ROOT / "configs" / "tiny-cpu" / "pairs.yaml"
+    out = tmp_path / "pairs"
+    assert main([str(config), f"input_dir={inputs}", f"output_dir={out}", "progress=false", trainable]) == 0
+    stats = json.loads((out / "pairs_stats.json").read_text())
+    assert stats["untrainable"] == {"sft": 0, "dpo": 2, "step": 0, "svpo": 0}
+    assert stats["sft"]["examples"] == 2 and stats["dpo"]["pairs"] == 0 and stats["step"]["pairs"] == 2
+    assert stats["rejected_by_reason"] == {"too long for training": 2}
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["output"], r["question_id"], r["line"]) for r in rejects] == [("dpo.jsonl", "q1", 1), ("dpo.jsonl", "q2", 2)]
+    assert rejects[0]["reason"] == ("training would refuse it: sequence of 68 tokens is longer than data.max_length=67 "
+                                    "(raise data.max_length, or set data.overlong=drop or truncate)")
+    assert "refused by training (in rejects.jsonl): SFT-PRM 0, DPO-PRM 2, step pairs 0, SVPO pairs 0" in capsys.readouterr().out
+    # one token less for SFT: those go too; the same records with the check off are all written
+    assert main([str(config), f"input_dir={inputs}", f"output_dir={out}", "progress=false",
+                 trainable.replace("sft: {max_length: 68}", "sft: {max_length: 67}")]) == 0
+    assert json.loads((out / "pairs_stats.json").read_text())["untrainable"]["sft"] == 2
+    assert main([str(config), f"input_dir={inputs}", f"output_dir={out}", "progress=false"]) == 0
+    stats = json.loads((out / "pairs_stats.json").read_text())
+    assert stats["untrainable"] == {} and stats["dpo"]["pairs"] == 2 and stats["rejected"] == 0
+
+
+def test_trainable_settings_are_checked_when_the_config_loads(tmp_path):
+    with pytest.raises(ValueError, match=r"trainable.datasets: unknown \['sftt'\]"):
+        PairsConfig(input_dir="x", output_dir="y", trainable=TrainableConfig("builtin:char", {"sftt": TrainingData(64)}))
+    with pytest.raises(ValueError, match="needs trainable.tokenizer"):
+        PairsConfig(input_dir="x", output_dir="y", trainable=TrainableConfig(None, {"sft": TrainingData(64)}))
+
+
+@pytest.mark.parametrize("recipe", sorted(p.parent.name for p in (ROOT / "configs" / "recipes").glob("*/pairs.yaml")))
+def test_recipe_pairs_check_what_the_recipe_trainers_take(recipe):
+    """A cluster recipe's pairs.yaml checks records against the same tokenizer and data settings as its
+    training recipes, so its datasets never hold a record those would refuse."""
+    from sppd_megatron.training.config import TrainConfig
+
+    folder = ROOT / "configs" / "recipes" / recipe
+    pairs = load_config(PairsConfig, folder / "pairs.yaml")
+    trainers = {"sft": "sft-*.yaml", "dpo": "dpo-*.yaml", "step": "step_dpo-*.yaml"}
+    assert set(pairs.trainable.datasets) == set(trainers)
+    for kind, pattern in trainers.items():
+        (path,) = folder.glob(pattern)
+        train = load_config(TrainConfig, path)
+        data = pairs.trainable.datasets[kind]
+        assert (data.max_length, data.append_eos, data.overlong) == (
+            train.data.max_length, train.data.append_eos, train.data.overlong), path
+        if train.init.source == "hf":
+            assert pairs.trainable.tokenizer == (train.data.tokenizer or train.init.path), path

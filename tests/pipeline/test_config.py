@@ -35,6 +35,7 @@ def test_shipped_run_configs_load(path):
     ("train.dpo_prm.overrides.optim.lrr=1", "unknown key(s) ['lrr']"),
     ("stages=[sample,eval]", None),
     ("eval.benchmarks={}", "needs eval.benchmarks"),
+    ("pairs.trainable={tokenizer: builtin:char}", "pairs.trainable is set by the run"),
 ])
 def test_bad_sections_fail_when_loading(override, message):
     if message is None:
@@ -55,3 +56,17 @@ def test_demo_data_and_run_config(tmp_path):
                           demo.run_overrides(tmp_path, size, files, str(tmp_path / "policy"), threads=1))
     assert cfg.eval.modes == ["greedy", "maj@3"] and cfg.sample.get("K") == 2
     assert cfg.train.margin_ablation == ["none", "fixed"] and Path(cfg.train.step_dpo.config).is_absolute()
+
+
+def test_pairs_are_checked_against_the_training_recipes_that_read_them():
+    """The run hands its pairs stage the policy's tokenizer and each training stage's data settings,
+    overrides included; a dataset no stage trains on is not checked."""
+    cfg = load_run_config("configs/demo/run.yaml", ["train.dpo_prm.overrides.data.max_length=300",
+                                                    "train.dpo_prm.overrides.data.overlong=truncate"])
+    trainable = cfg.pairs_config("scored", "out", "runs/demo/pretrain/hf").trainable
+    assert trainable.tokenizer == "runs/demo/pretrain/hf"
+    assert {k: (d.max_length, d.append_eos, d.overlong) for k, d in trainable.datasets.items()} == {
+        "sft": (256, True, "error"), "dpo": (300, True, "truncate"), "step": (256, True, "error")}
+    only_sft = load_run_config("configs/demo/run.yaml", ["stages=[sample, score, pairs, sft_prm]",
+                                                  "train.margin_ablation=[]"])
+    assert set(only_sft.pairs_config("scored", "out", "policy").trainable.datasets) == {"sft"}

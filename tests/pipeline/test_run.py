@@ -135,3 +135,34 @@ def test_killed_at_random_points_resumes_to_the_same_result(reference, demo_data
     assert "resuming the unfinished stage" in proc.stdout
     assert _datasets(run_dir) == _datasets(reference)
     assert _final_metrics(run_dir) == _final_metrics(reference)
+
+
+def test_pairs_too_long_for_training_go_to_rejects_and_the_run_goes_on(reference, demo_data, tmp_path):
+    """The reference's scored trees, with SFT-PRM's data.max_length one token short of its longest
+    examples: those land in pairs/rejects.jsonl with the reason, and SFT-PRM trains on the rest."""
+    from sppd_megatron.records import SFTExample, read_jsonl
+    from sppd_megatron.tokenization import load_tokenizer
+    from sppd_megatron.training.data import build_example
+
+    tokenizer = load_tokenizer(demo_data["policy"])
+    examples = list(read_jsonl(reference / "iter1" / "pairs" / "sft.jsonl", SFTExample))
+    lengths = [len(build_example(e, tokenizer, 10_000).rows[0].ids) for e in examples]
+    max_length = max(lengths) - 1
+    too_long = sum(n > max_length for n in lengths)
+    assert 0 < too_long < len(examples), lengths
+    run_dir = tmp_path / "run"
+    (run_dir / "iter1" / "score").mkdir(parents=True)
+    (run_dir / "iter1" / "score" / "scored").symlink_to(reference / "iter1" / "score" / "scored")
+    proc = _run(_command(demo_data, run_dir, "stages=[pairs, sft_prm]",
+                         f"train.sft_prm.overrides.data.max_length={max_length}"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"[pairs] SFT-PRM {len(examples) - too_long}," in proc.stdout
+    assert f"refused by training (in pairs/rejects.jsonl): SFT-PRM {too_long}" in proc.stdout
+    rejects = [json.loads(line) for line in (run_dir / "iter1" / "pairs" / "rejects.jsonl").read_text().splitlines()]
+    assert len(rejects) == too_long and {r["output"] for r in rejects} == {"sft.jsonl"}
+    assert all(r["category"] == "too long for training" for r in rejects)
+    assert all(f"sequence of {max(lengths)} tokens is longer than data.max_length={max_length}" in r["reason"]
+               for r in rejects)
+    report = json.loads((run_dir / "report.json").read_text())["iterations"]["1"]
+    assert report["pairs"]["untrainable"] == {"sft": too_long}
+    assert report["train"]["sft_prm"]["step"] == 3
