@@ -42,7 +42,6 @@ def main() -> None:
     from megatron.core import parallel_state
 
     from sppd_megatron.config import load_config
-    from sppd_megatron.models.config import ModelConfig  # noqa: F401
     from sppd_megatron.parallel import state as pstate
     from sppd_megatron.tokenization import load_tokenizer
     from sppd_megatron.training import data as tdata

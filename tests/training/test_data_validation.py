@@ -143,8 +143,8 @@ def test_overlong_truncate_cuts_the_context_from_the_left_like_trl_keep_end(tmp_
         assert row.ids == trl["input_ids"][i, :n].tolist() and len(row.ids) == 128
         assert row.ids[row.context_len:] == continuation  # never cut
         assert trl["completion_mask"][i, row.context_len:n].all() and not trl["completion_mask"][i, :row.context_len].any()
-    batch = collate([long], 128, tok.pad_token_id)
-    assert batch["loss_mask"][0].sum() == len(rows[0]) and batch["loss_mask"][1].sum() == len(rows[1])
+    scored = pad([long], 128, tok.pad_token_id)["loss_row"].tolist()
+    assert scored.count(0) == len(rows[0]) and scored.count(1) == len(rows[1])
 
 
 def test_overlong_truncate_never_cuts_the_continuation(tmp_path):
