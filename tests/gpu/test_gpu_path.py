@@ -2,8 +2,9 @@
 
 1. HF checkpoints (tiny Llama and Qwen2) into Megatron under the local and the TransformerEngine layer
    specs, fp32 and bf16: next-token log-probs against transformers on the same device.
-2. Five step-DPO steps on a repeated batch for each precision (local fp32 / bf16, TE bf16 / FP8):
-   finite and decreasing; GPU fp32 against the same run on the CPU; TE bf16 against local bf16.
+2. Five step-DPO steps on a repeated batch for each precision (local fp32 / bf16, TE bf16 / FP8),
+   tree-packed (FlexAttention on the GPU): finite and decreasing; GPU fp32 against the same run on
+   the CPU; tree-packed against padded; TE bf16 against local bf16.
 3. The trained checkpoints exported to HF reload in transformers with the trainer's log-probs.
 4. Tree sampling on the GPU with the embedded transformers engine, and with vLLM and SGLang where
    they import: stored log-probs against the trainer's teacher-forced log-probs (Megatron, fp32).
@@ -26,8 +27,9 @@ pytestmark = needs_gpu
 FAMILIES = ("llama", "qwen2")
 LOGIT_LIMIT = {"fp32": 1e-4, "bf16": 5e-2}
 TRAIN_RUNS = {
-    # name: (params_dtype, transformer_impl, fp8)
+    # name: (params_dtype, transformer_impl, fp8); tree-packed batches (the default) unless "padded"
     "local fp32": ("fp32", "local", "none"),
+    "local fp32 padded": ("fp32", "local", "none"),
     "local bf16": ("bf16", "local", "none"),
     "TE bf16": ("bf16", "transformer_engine", "none"),
     "TE fp8 (hybrid, delayed)": ("bf16", "transformer_engine", "hybrid"),
@@ -149,7 +151,8 @@ def train_run(name: str, root: Path, data: Path, on_cpu: bool = False) -> Path:
         "data.shuffle=false", "schedule.train_steps=5", "schedule.global_batch_size=4", "schedule.micro_batch_size=2",
         "optim.optimizer=adamw", "optim.lr=1.0e-3", "optim.lr_decay_style=constant", "logging.progress=false",
         "logging.tensorboard=false", f"precision.params_dtype={dtype}", f"precision.transformer_impl={impl}",
-        f"precision.fp8={fp8}", env={"CUDA_VISIBLE_DEVICES": ""} if on_cpu else None)
+        f"precision.fp8={fp8}", f"data.packing={'none' if name.endswith('padded') else 'trees'}",
+        env={"CUDA_VISIBLE_DEVICES": ""} if on_cpu else None)
     _runs[key] = out
     return out
 
@@ -193,6 +196,19 @@ def test_gpu_losses_equal_the_cpu_run(train_root, repeated_batch):
     rel = max(abs(a - b) / abs(b) for a, b in zip(gpu, cpu))
     record(check, config, f"max relative loss difference {rel:.1e}", "<= 1e-3", rel <= 1e-3)
     assert rel <= 1e-3
+
+
+def test_tree_packed_training_equals_padded(train_root, repeated_batch):
+    check = "tree-packed vs padded, same 5 steps"
+    config = f"local fp32, {'FlexAttention' if DEVICE == 'cuda' else 'dense'} tree masks"
+    packed = metrics(train_run("local fp32", train_root, repeated_batch))
+    padded = metrics(train_run("local fp32 padded", train_root, repeated_batch))
+    rel = max(abs(a["loss"] - b["loss"]) / abs(b["loss"]) for a, b in zip(packed, padded))
+    grad = max(abs(a["grad_norm"] - b["grad_norm"]) / abs(b["grad_norm"]) for a, b in zip(packed, padded))
+    ms = lambda rows: 1000 * sorted(r["step_time_s"] for r in rows[1:])[len(rows[1:]) // 2]  # noqa: E731
+    record(check, config, f"max relative difference loss {rel:.1e}, grad norm {grad:.1e}; median step "
+           f"{ms(packed):.0f} ms packed, {ms(padded):.0f} ms padded", "<= 1e-4", rel <= 1e-4 and grad <= 1e-4)
+    assert rel <= 1e-4 and grad <= 1e-4
 
 
 def test_te_bf16_tracks_local_bf16(train_root, repeated_batch):
