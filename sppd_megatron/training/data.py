@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 
 from sppd_megatron.records import PreferencePair, RecordError, SFTExample, iter_jsonl_lenient
@@ -129,15 +130,28 @@ def build_example(rec: SFTExample | PreferencePair, tokenizer, max_length: int, 
 def load_examples(path: str | Path, stage: str, tokenizer, max_length: int, vocab_size: int,
                   append_eos: bool = True, need_values: bool = False, overlong: Overlong = "error",
                   rejects: str | Path | None = None) -> list[Example]:
-    """Read, validate and tokenise every record of ``path``; raise DataError listing what is wrong.
+    """Every record of ``path`` read, validated and tokenised; DataError lists what is wrong.
 
+    A list for small files and tools; training streams the same records into a memory-mapped
+    :class:`~sppd_megatron.training.dataset.TokenizedDataset` with :func:`read_examples`.
+    """
+    return list(read_examples(path, stage, tokenizer, max_length, vocab_size, append_eos, need_values, overlong,
+                              rejects))
+
+
+def read_examples(path: str | Path, stage: str, tokenizer, max_length: int, vocab_size: int,
+                  append_eos: bool = True, need_values: bool = False, overlong: Overlong = "error",
+                  rejects: str | Path | None = None) -> Iterator[Example]:
+    """Yield the examples of ``path`` in file order; at the end raise DataError if any record was bad.
+
+    Bad records do not stop the reading until ``MAX_REPORTED_ERRORS``, so one run names them all.
     With ``overlong=drop`` the records too long are left out; ``rejects`` (given on one rank) is
     where they are listed, ``{"file", "line", "reason"}`` each, and the counts are printed.
     """
     record_cls = SFTExample if stage == "sft" else PreferencePair
     errors: list[str] = []
-    examples: list[Example] = []
     dropped: list[tuple[int, str]] = []
+    kept = truncated = 0
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: training file not found")
@@ -150,8 +164,8 @@ def load_examples(path: str | Path, stage: str, tokenizer, max_length: int, voca
             fail(lineno, reason)
         else:
             try:
-                examples.append(build_example(rec, tokenizer, max_length, vocab_size, append_eos, need_values,
-                                              overlong, where=f"{path}:{lineno}", line=lineno))
+                example = build_example(rec, tokenizer, max_length, vocab_size, append_eos, need_values,
+                                        overlong, where=f"{path}:{lineno}", line=lineno)
             except TooLong as exc:
                 if overlong == "drop":
                     dropped.append((lineno, exc.reason))
@@ -159,17 +173,21 @@ def load_examples(path: str | Path, stage: str, tokenizer, max_length: int, voca
                     fail(lineno, exc.reason)
             except RecordError as exc:
                 fail(lineno, exc.reason)
+            else:
+                if not errors:  # after the first bad record, only look for more
+                    kept += 1
+                    truncated += example.truncated
+                    yield example
         if len(errors) >= MAX_REPORTED_ERRORS:
             break
     if errors:
         more = " (stopped after the first 10)" if len(errors) >= MAX_REPORTED_ERRORS else ""
         raise DataError(f"bad training data in {path}{more}:\n" + "\n".join(errors))
     if rejects is not None:
-        _report_overlong(path, rejects, overlong, dropped, sum(ex.truncated for ex in examples), max_length)
-    if not examples:
+        _report_overlong(path, rejects, overlong, dropped, truncated, max_length)
+    if not kept:
         raise DataError(f"{path}: no records" + (f" left after dropping {len(dropped)} longer than "
                                                  f"data.max_length={max_length}" if dropped else ""))
-    return examples
 
 
 def _report_overlong(path: Path, rejects: str | Path, overlong: Overlong, dropped: list[tuple[int, str]],

@@ -38,6 +38,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
+import numpy as np
 import torch
 
 Packing = Literal["none", "sequences", "pairs", "trees"]
@@ -157,8 +158,11 @@ def oversized(examples: list, packing: Packing, pack_length: int) -> list[str]:
     """``file:line: reason`` for each example that cannot fit one bin under ``packing`` (checked at load)."""
     if packing == "none":
         return []
+    bounds = (examples.example_tokens() if hasattr(examples, "example_tokens")
+              else [sum(len(r.ids) for r in ex.rows) for ex in examples])
     out = []
-    for ex in examples:
+    for i in np.nonzero(np.asarray(bounds) > pack_length)[0]:  # the rest fit even without sharing
+        ex = examples[int(i)]
         size = (sum(len(r.ids) for r in ex.rows) if packing == "sequences" else len(lay_out(ex.rows)))
         if size > pack_length:
             out.append(f"{ex.where}: {size} tokens under data.packing={packing} do not fit "

@@ -64,31 +64,29 @@ def precomputed_reference_file(cfg: TrainConfig) -> Path:
     return Path(cfg.output_dir) / "reference_logps.jsonl"
 
 
-def attach_reference(model, examples: list, cfg: TrainConfig, pad_id: int, vocab_size: int) -> None:
-    """Fill missing reference log-probs from a stored pass of the initial policy, computing it once.
+def attach_reference(model, dataset, cfg: TrainConfig, pad_id: int, vocab_size: int) -> None:
+    """Fill a TokenizedDataset's missing reference log-probs from a stored pass of the initial policy,
+    computing it once.
 
     The pass runs before any checkpoint is loaded, so on resume the stored values (from the initial
     weights) are reused, never recomputed from trained weights.
     """
-    if all(v is not None for ex in examples for v in ex.ref_logps):
+    if not dataset.missing_reference():
         return
     path = precomputed_reference_file(cfg)
     fingerprint = _data_fingerprint(cfg)
-    stored = _read_reference_file(path, fingerprint, len(examples))
+    stored = _read_reference_file(path, fingerprint, len(dataset))
     if stored is None:
-        stored = reference_logps(model, examples, cfg, pad_id, vocab_size)
+        stored = reference_logps(model, dataset, cfg, pad_id, vocab_size)
         if pstate.is_rank0():
             tmp = path.with_suffix(".tmp")
             with tmp.open("w") as fh:
                 fh.write(json.dumps({"fingerprint": fingerprint, "count": len(stored)}) + "\n")
                 for i, v in enumerate(stored):
-                    fh.write(json.dumps({"index": i, "where": examples[i].where, "ref_logps": v}) + "\n")
+                    fh.write(json.dumps({"index": i, "where": dataset.where(i), "ref_logps": v}) + "\n")
             os.replace(tmp, path)
         pstate.barrier()
-    for ex, v in zip(examples, stored):
-        ex.ref_logps = [r if r is not None else s for r, s in zip(ex.ref_logps, v)]
-        if not all(r is not None and math.isfinite(r) for r in ex.ref_logps):
-            raise RuntimeError(f"{ex.where}: reference log-prob {ex.ref_logps} is not finite")
+    dataset.set_reference(stored)
 
 
 def _read_reference_file(path: Path, fingerprint: str, count: int) -> list[list[float]] | None:

@@ -28,8 +28,9 @@ from sppd_megatron.parallel import state as pstate
 from sppd_megatron.tokenization import load_tokenizer
 from sppd_megatron.training import checkpoint as ckpt
 from sppd_megatron.training import data as tdata
-from sppd_megatron.training.batching import ExampleOrder, dp_rank_and_size, group_keys, microbatches, run_forward_backward
+from sppd_megatron.training.batching import ExampleOrder, dp_rank_and_size, microbatches, run_forward_backward
 from sppd_megatron.training.config import TrainConfig
+from sppd_megatron.training.dataset import training_dataset
 from sppd_megatron.training.forward import make_forward_step, make_logp_step, unwrap
 from sppd_megatron.training.metrics import MetricsWriter, reduce_reports
 from sppd_megatron.training.packing import oversized
@@ -56,12 +57,8 @@ def train(cfg: TrainConfig) -> dict:
     model_cfg, tokenizer_spec = resolve_model_and_tokenizer(cfg)
     model_cfg.check_parallel(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
     tokenizer = load_tokenizer(tokenizer_spec)
-    examples = tdata.load_examples(
-        cfg.data.train_file, cfg.stage, tokenizer, cfg.data.max_length, model_cfg.vocab_size,
-        append_eos=cfg.data.append_eos,
-        need_values=cfg.stage == "svpo" or (cfg.stage == "step_dpo" and cfg.loss.margin_mode == "dynamic"),
-        overlong=cfg.data.overlong, rejects=out_dir / "rejects.jsonl" if pstate.is_rank0() else None,
-    )
+    need_values = cfg.stage == "svpo" or (cfg.stage == "step_dpo" and cfg.loss.margin_mode == "dynamic")
+    examples = training_dataset(cfg, tokenizer, model_cfg.vocab_size, need_values)
     too_big = oversized(examples, cfg.data.packing, cfg.data.pack_length)
     if too_big:
         raise tdata.DataError(f"bad training data in {cfg.data.train_file}:\n" + "\n".join(too_big[:10]))
@@ -118,7 +115,7 @@ def train(cfg: TrainConfig) -> dict:
     writer = MetricsWriter(out_dir, cfg.logging.tensorboard, start_step)
     step_fn = make_forward_step(cfg.stage, cfg.loss, model_cfg.vocab_size)
     logp_fn = make_logp_step(model_cfg.vocab_size)
-    order = ExampleOrder(group_keys(examples, cfg.data.group_by), len(examples), cfg.schedule.seed, cfg.data.shuffle)
+    order = ExampleOrder(examples.group_keys(cfg.data.group_by), len(examples), cfg.schedule.seed, cfg.data.shuffle)
     progress = _progress(cfg, train_steps, start_step)
     last: dict = {}
     step = start_step
