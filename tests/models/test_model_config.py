@@ -22,6 +22,29 @@ def test_te_fp8_config_wiring_reaches_megatron(recipe):
     assert cfg.transformer_impl == "transformer_engine" and not cfg.use_cpu_initialization
 
 
+def test_memory_switches_reach_megatron():
+    """Recompute and sequence parallelism as megatron's TransformerConfig takes them (SP only with TE)."""
+    from sppd_megatron.parallel.state import ParallelConfig
+
+    local = builder.PrecisionConfig(transformer_impl="local")
+    cfg, _ = builder.build_transformer_config(ModelConfig(), local, 1, 1, parallel=ParallelConfig(recompute="full"))
+    assert (cfg.recompute_granularity, cfg.recompute_method, cfg.recompute_num_layers) == ("full", "uniform", 1)
+    cfg, _ = builder.build_transformer_config(ModelConfig(), local, 1, 1, parallel=ParallelConfig(recompute="selective"))
+    assert cfg.recompute_granularity == "selective" and cfg.recompute_modules == ["core_attn"]
+    sp = ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True)
+    with pytest.raises(RuntimeError, match="sequence_parallel needs TransformerEngine"):
+        builder.build_transformer_config(ModelConfig(), local, 2, 1, parallel=sp)
+    te = builder.PrecisionConfig(params_dtype="bf16", transformer_impl="transformer_engine")
+    with mock.patch.object(builder.torch.cuda, "is_available", return_value=True), \
+            mock.patch.object(builder, "transformer_engine_import_error", return_value=None):
+        cfg, _ = builder.build_transformer_config(ModelConfig(), te, 2, 1, parallel=sp)
+    assert cfg.sequence_parallel
+    with pytest.raises(ValueError, match="tensor_model_parallel_size > 1"):
+        ParallelConfig(sequence_parallel=True)
+    with pytest.raises(ValueError, match="use_distributed_optimizer"):
+        ParallelConfig(overlap_param_gather=True)
+
+
 def test_parallel_layout_errors_say_what_to_do():
     cfg = ModelConfig(num_attention_heads=4, num_query_groups=2, num_layers=2)
     cfg.check_parallel(2, 2)
