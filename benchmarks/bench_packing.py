@@ -98,16 +98,16 @@ def step_times(out: Path, train_file: Path, max_length: int, packing: str, pack_
     return [r["step_time_s"] for r in rows[1:]]  # the first step warms up
 
 
-def bench(name: str, train_file: Path, max_length: int, gbs: int, args, tmp: Path) -> None:
-    print(f"\n{name}: global batch {gbs} pairs, max_length {max_length}, pack_length {args.pack_length}")
+def bench(name: str, train_file: Path, max_length: int, gbs: int, pack_length: int, args, tmp: Path) -> None:
+    print(f"\n{name}: global batch {gbs} pairs, max_length {max_length}, pack_length {pack_length}")
     print(f"{'packing':>10} {'unique tok/step':>16} {'computed/step':>14} {'computed/unique':>16} "
           f"{'s/step':>8} {'ms/pair':>8}")
     results = {}
     for mode in MODES:
-        tokens = step_tokens(train_file, max_length, mode, args.pack_length, gbs, args.steps)
+        tokens = step_tokens(train_file, max_length, mode, pack_length, gbs, args.steps)
         unique = sum(u for u, _ in tokens) / len(tokens)
         computed = sum(c for _, c in tokens) / len(tokens)
-        times = step_times(tmp / f"{name}-{mode}", train_file, max_length, mode, args.pack_length, gbs, args.steps)
+        times = step_times(tmp / f"{name.split()[0]}-{mode}", train_file, max_length, mode, pack_length, gbs, args.steps)
         seconds = statistics.median(times)
         results[mode] = seconds
         print(f"{mode:>10} {unique:>16,.0f} {computed:>14,.0f} {computed / unique:>16.2f} {seconds:>8.2f} "
@@ -119,7 +119,7 @@ def bench(name: str, train_file: Path, max_length: int, gbs: int, args, tmp: Pat
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
-    parser.add_argument("--pack-length", type=int, default=8192)
+    parser.add_argument("--pack-length", type=int, default=8192, help="bins of the synthetic trees (a tree fits one)")
     parser.add_argument("--demo-pairs", default=str(REPO / "runs" / "demo" / "iter1" / "pairs" / "step_pairs.jsonl"))
     args = parser.parse_args()
     import torch
@@ -130,14 +130,15 @@ def main() -> None:
         synthetic = tmp / "synthetic_step_pairs.jsonl"
         max_length = synthetic_trees(synthetic, trees=args.steps + 1)  # one tree per step
         bench("synthetic trees (K=64, C=2, 8 steps of ~60 tokens, 200-token question)", synthetic, max_length, 64,
-              args, tmp)
+              args.pack_length, args, tmp)
         demo = Path(args.demo_pairs)
         if demo.is_file():
             from sppd_megatron.records import PreferencePair, read_jsonl
 
             records = list(read_jsonl(demo, PreferencePair))
             longest = max(len(r.prompt) + len(r.prefix) + max(len(r.chosen), len(r.rejected)) for r in records) + 1
-            bench(f"demo step pairs ({demo})", demo, longest, 16, args, tmp)
+            # The demo's own recipe: bins of twice its max_length.
+            bench(f"demo step pairs ({demo})", demo, longest, 16, 2 * longest, args, tmp)
         else:
             print(f"\n(no demo step pairs at {demo}: run ./run demo first, or pass --demo-pairs)")
 
