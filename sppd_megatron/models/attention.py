@@ -58,30 +58,35 @@ def positioned_gpt_model_class():
     return PositionedGPTModel
 
 
-_BLOCK_MASKS: dict = {}
+_BLOCK_MASK: list = []  # [(attention_mask, batch, q_len, kv_len, block mask)]: the micro-batch in flight
 
 
 def _block_mask(attention_mask: Optional[torch.Tensor], batch: int, q_len: int, kv_len: int, device):
-    """FlexAttention's BlockMask for megatron's mask (True = masked), or causal; one per micro-batch."""
+    """FlexAttention's BlockMask for megatron's mask (True = masked), or causal; built once per micro-batch.
+
+    Every layer (and a recomputed forward) receives the same mask tensor, so the cache is keyed on that
+    object itself; holding it also keeps its memory from being reused by the next micro-batch's mask,
+    which an address-keyed cache would mistake for this one.
+    """
     from torch.nn.attention.flex_attention import create_block_mask
 
-    key = (None if attention_mask is None else (attention_mask.data_ptr(), attention_mask._version), batch, q_len,
-           kv_len, str(device))
-    if key not in _BLOCK_MASKS:
-        if attention_mask is None:
-            def mask_mod(b, h, q, kv):
-                return kv <= q
-            b_arg = None
-        else:
-            allowed = ~attention_mask[:, 0]
+    if _BLOCK_MASK:
+        mask, b, q, kv, block = _BLOCK_MASK[0]
+        if mask is attention_mask and (b, q, kv) == (batch, q_len, kv_len) and block is not None:
+            return block
+    if attention_mask is None:
+        def mask_mod(b, h, q, kv):
+            return kv <= q
+        b_arg = None
+    else:
+        allowed = ~attention_mask[:, 0]
 
-            def mask_mod(b, h, q, kv):
-                return allowed[b, q, kv]
-            b_arg = batch
-        _BLOCK_MASKS.clear()  # every layer of one micro-batch shares the mask; the next one replaces it
-        _BLOCK_MASKS[key] = create_block_mask(mask_mod, b_arg, None, q_len, kv_len, device=device,
-                                              _compile=device.type == "cuda")
-    return _BLOCK_MASKS[key]
+        def mask_mod(b, h, q, kv):
+            return allowed[b, q, kv]
+        b_arg = batch
+    block = create_block_mask(mask_mod, b_arg, None, q_len, kv_len, device=device, _compile=device.type == "cuda")
+    _BLOCK_MASK[:] = [(attention_mask, batch, q_len, kv_len, block)]
+    return block
 
 
 _FLEX = None

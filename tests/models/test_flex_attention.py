@@ -32,3 +32,24 @@ def test_flex_tree_masks_equal_dense_and_padded(tmp_path):
     print(f"\n{len(padded)} sequence log-probs, max relative difference: trees+dense vs padded {rel(padded, dense):.2g}, "
           f"trees+flex vs padded {rel(padded, flex):.2g}")
     assert rel(padded, dense) <= 1e-5 and rel(padded, flex) <= 1e-5
+
+
+def test_each_micro_batch_gets_its_own_block_mask():
+    """A new micro-batch's mask often lands where the last one was freed: the cache must not be fooled."""
+    import torch
+
+    from sppd_megatron.models.attention import _block_mask
+
+    def dense(masked_blocks):  # 2 x 2 blocks of 128 tokens; the listed blocks fully masked
+        allowed = torch.ones(1, 256, 256, dtype=torch.bool)
+        for qb, kb in masked_blocks:
+            allowed[:, qb * 128:(qb + 1) * 128, kb * 128:(kb + 1) * 128] = False
+        return ~allowed[:, None]
+
+    for masked in ([(1, 0)], [(0, 1)], [], [(0, 1), (1, 0)]):
+        mask = dense(masked)
+        block = _block_mask(mask, 1, 256, 256, torch.device("cpu"))
+        assert _block_mask(mask, 1, 256, 256, torch.device("cpu")) is block  # every layer shares it
+        kept = {(q, k) for q in range(2) for k in range(2) if block.to_dense()[0, 0, q, k]}
+        assert kept == {(q, k) for q in range(2) for k in range(2)} - set(masked)
+        del mask, block  # the next mask may reuse this memory
