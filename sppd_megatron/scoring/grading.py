@@ -297,10 +297,11 @@ def _proportional(pred_sides: list[str], gold_sides: list[str]) -> bool:
         gl, gr, pl, pr = (e[0] if e else None for e in exprs)
         if not all(isinstance(e, sympy.Expr) for e in (gl, gr, pl, pr)):
             return False
-        gold_diff = sympy.simplify(gl - gr)
-        if gold_diff == 0:  # a numeric identity (48/2 = 24): only side by side says anything
+        gold_diff, pred_diff = sympy.simplify(gl - gr), sympy.simplify(pl - pr)
+        # Without unknowns (48/2 = 24) an equation is a statement about numbers: only side by side says anything.
+        if not gold_diff.free_symbols or gold_diff.free_symbols != pred_diff.free_symbols:
             return False
-        ratio = sympy.simplify((pl - pr) / gold_diff)
+        ratio = sympy.simplify(pred_diff / gold_diff)
         return bool(ratio.is_number and ratio.is_finite and ratio != 0)
     except Exception:
         return False
@@ -309,8 +310,15 @@ def _proportional(pred_sides: list[str], gold_sides: list[str]) -> bool:
 _EQUALS_RE = re.compile(r"(?<![<>!:\\])=|:=")
 
 
+_BASE_NUMBER_RE = re.compile(r"^([0-9A-Za-z]+)_\{?(\d+)\}?$")
+
+
 def _math_equal(pred: str, gold: str) -> bool:
     pred, gold = _prepare_math(pred), _prepare_math(gold)
+    # 2516_8: math-verify drops the subscript, so the base would go unseen.
+    pred_base, gold_base = _BASE_NUMBER_RE.match(pred.replace(" ", "")), _BASE_NUMBER_RE.match(gold.replace(" ", ""))
+    if pred_base and gold_base:
+        return pred_base.group(1).lower() == gold_base.group(1).lower() and pred_base.group(2) == gold_base.group(2)
     gs, ps = _split_top(gold, _EQUALS_RE), _split_top(pred, _EQUALS_RE)
     if len(gs) == 1 and len(ps) == 1:
         return _mv_equal(pred, gold)
