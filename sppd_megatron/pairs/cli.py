@@ -27,9 +27,10 @@ from sppd_megatron.pairs.builders import (
     step_pairs,
     svpo_pairs,
 )
-from sppd_megatron.records import RecordError, Tree, iter_jsonl_lenient, write_jsonl
+from sppd_megatron.records import PreferencePair, RecordError, SFTExample, Tree, iter_jsonl_lenient, write_jsonl
 from sppd_megatron.scoring.cli import input_shards
 from sppd_megatron.scoring.rejects import RejectsFile
+from sppd_megatron.tokenization import CHAR_TOKENIZER_SPEC, BoundaryMergeError, encode_continuation, load_tokenizer
 
 OUTPUTS = {"sft": "sft.jsonl", "dpo": "dpo.jsonl", "step": "step_pairs.jsonl", "svpo": "svpo_pairs.jsonl"}
 
@@ -72,6 +73,12 @@ class PairsConfig:
     """SPPD step pairs."""
     svpo: SVPOConfig = field(default_factory=SVPOConfig)
     """SVPO pairs."""
+    tokenizer: str | None = None
+    """The training stages' tokenizer (a directory or ``builtin:char``). Every record is tokenised as
+    training will, and one whose continuation merges with its context (a BPE token across the
+    boundary, which training refuses) goes to ``rejects.jsonl``. None: the trees' policy directory
+    (``builtin:char`` for ``tiny:`` policies); when that holds no tokenizer, nothing is checked (the
+    stats say so)."""
     dedup: bool = True
     """Drop a pair identical (prompt, contexts, chosen, rejected) to one already kept in the same file."""
     progress: bool = True
@@ -120,6 +127,32 @@ def _pair_stats(pairs: list, per_question: Counter, questions: int) -> dict:
     }
 
 
+MERGES = "merges with its context when re-tokenised"
+
+
+def _tokenizer_spec(cfg: PairsConfig, tree: Tree) -> str | None:
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    if tree.policy.startswith("tiny"):
+        return CHAR_TOKENIZER_SPEC
+    policy = Path(tree.policy)
+    return tree.policy if (policy / "tokenizer.json").is_file() or (policy / "tokenizer_config.json").is_file() else None
+
+
+def _boundary_merge(tokenizer, record: PreferencePair | SFTExample) -> str | None:
+    """Why training would refuse ``record`` (a continuation merging with its context), or None."""
+    if isinstance(record, SFTExample):
+        rows = [(record.prompt, record.response)]
+    else:
+        rows = [(record.prompt + record.prefix, record.chosen), (record.prompt + record.rejected_context, record.rejected)]
+    for context, continuation in rows:
+        try:
+            encode_continuation(tokenizer, context, continuation)
+        except BoundaryMergeError as exc:
+            return f"{exc.reason}: {continuation[:40]!r} after {context[-40:]!r}"
+    return None
+
+
 def run_pairs(cfg: PairsConfig) -> dict:
     """Build every dataset of ``cfg``; returns the stats written to ``pairs_stats.json``."""
     from tqdm import tqdm
@@ -133,14 +166,19 @@ def run_pairs(cfg: PairsConfig) -> dict:
     duplicates = Counter()
     trees_read = trees_used = 0
     tree_ids: set[str] = set()
+    tokenizers: dict[str, object] = {}
+    unchecked_trees = 0
     bar = tqdm(desc="pairs", unit="tree", disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
     with RejectsFile(out_dir / "rejects.jsonl") as rejects:
 
-        def keep(kind: str, records: list, cap: int | None, file: Path, line: int) -> None:
+        def keep(kind: str, records: list, cap: int | None, file: Path, line: int, tokenizer) -> None:
             valid = []
             for record in records:
                 reason = invalid_reason(record)
-                if reason:
+                merge = None if reason or tokenizer is None else _boundary_merge(tokenizer, record)
+                if merge:
+                    rejects.add(file, line, merge, MERGES, output=OUTPUTS[kind], question_id=record.question_id)
+                elif reason:
                     category = "pair without signal" if "identical" in reason else f"invalid {record.kind} record"
                     rejects.add(file, line, reason, category, output=OUTPUTS[kind], question_id=record.question_id)
                 else:
@@ -171,15 +209,21 @@ def run_pairs(cfg: PairsConfig) -> dict:
                     rejects.add(shard, line, str(exc), "tree not usable")
                     continue
                 trees_used += 1
+                spec = _tokenizer_spec(cfg, tree)
+                if spec is None:
+                    unchecked_trees += 1
+                elif spec not in tokenizers:
+                    tokenizers[spec] = load_tokenizer(spec)
+                tok = tokenizers.get(spec)
                 sft = sft_prm(tree, cfg.value_name)
-                keep("sft", [sft] if sft else [], None, shard, line)
+                keep("sft", [sft] if sft else [], None, shard, line, tok)
                 dpo = dpo_prm(tree, cfg.value_name)
-                keep("dpo", [dpo] if dpo else [], None, shard, line)
+                keep("dpo", [dpo] if dpo else [], None, shard, line, tok)
                 keep("step", step_pairs(tree, cfg.value_name, cfg.step.threshold),
-                     cfg.step.max_pairs_per_question, shard, line)
+                     cfg.step.max_pairs_per_question, shard, line, tok)
                 if cfg.svpo.enabled:
                     keep("svpo", svpo_pairs(tree, cfg.value_name, cfg.svpo.counts, cfg.svpo.threshold),
-                         cfg.svpo.max_pairs_per_question, shard, line)
+                         cfg.svpo.max_pairs_per_question, shard, line, tok)
         bar.close()
         written = {}
         for kind, name in OUTPUTS.items():
@@ -193,6 +237,8 @@ def run_pairs(cfg: PairsConfig) -> dict:
             "rejected": rejects.count,
             "rejected_by_reason": dict(sorted(rejects.reasons.items())),
             "duplicates_removed": dict(sorted(duplicates.items())),
+            "tokenizers_checked": sorted(tokenizers),
+            "trees_without_tokenizer_check": unchecked_trees,
             "sft": {"examples": written["sft"], "questions_without_correct": trees_used - written["sft"]},
             "dpo": {"pairs": written["dpo"],
                     "gap_mean": round(sum(gap(p) for p in data["dpo"]) / len(data["dpo"]), 4) if data["dpo"] else None},
@@ -233,6 +279,9 @@ def print_stats(stats: dict, output_dir: str) -> None:
     reasons = ", ".join(f"{k} {n}" for k, n in stats["rejected_by_reason"].items())
     console.print(f"rejected: {stats['rejected']}" + (f" ({reasons}; see rejects.jsonl)" if reasons else "")
                   + f"; duplicates removed: {dups}")
+    if stats["trees_without_tokenizer_check"]:
+        console.print(f"{stats['trees_without_tokenizer_check']} trees' policy holds no tokenizer, so their records were "
+                      "not checked for steps merging with their context: set tokenizer=DIR")
 
 
 def main(argv: list[str] | None = None) -> int:
