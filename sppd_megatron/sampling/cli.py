@@ -91,9 +91,10 @@ def run_sampling(cfg: SampleConfig) -> dict:
                    cache_hit_rate=stats.cache_hit_rate, seconds=time.perf_counter() - start_time, steps=stats.steps,
                    steps_retokenised_differently=stats.steps_retokenised_differently,
                    steps_merging_with_context=stats.steps_merging_with_context)
-    retokenisation = {k: summary[k] for k in ("steps", "steps_retokenised_differently", "steps_merging_with_context")}
+    # What this invocation did (a resumed run counts only the trees it sampled).
+    this_run = {k: v for k, v in summary.items() if k not in ("questions", "already_done")}
     write_manifest(cfg.output_dir, config_to_dict(cfg), {"num_questions": len(prompts), "complete": True,
-                                                         "retokenisation_this_run": retokenisation})
+                                                         "this_run": this_run})
     return summary
 
 
