@@ -206,28 +206,24 @@ class VLLMEngine:
             raise RuntimeError(f"vLLM (child process): {payload}")
         return payload
 
-    def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
-        if not requests:
-            return []
+    def _call(self, message: Any) -> Any:
+        """Send one message to the child and wait for its answer."""
         if self.process is None:
             raise RuntimeError("the vLLM engine is closed")
         try:
-            self._conn.send(requests)
+            self._conn.send(message)
         except OSError:
             raise self._died() from None
         return self._receive()
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
+        return self._call(requests) if requests else []
 
     def reset_prefix_cache(self) -> None:
         """Empty vLLM's prefix cache. The tree sampler calls this before each group of questions: a
         cached prefix's KV comes from another batch's arithmetic than a recomputed one, so without it a
         group's trees would depend on which groups ran before (a resumed run would differ)."""
-        if self.process is None:
-            raise RuntimeError("the vLLM engine is closed")
-        try:
-            self._conn.send(RESET_PREFIX_CACHE)
-        except OSError:
-            raise self._died() from None
-        self._receive()
+        self._call(RESET_PREFIX_CACHE)
 
     def update_weights_from_hf(self, hf_dir: str) -> None:
         # No portable in-place reload across vLLM releases: a new child on the new weights.
