@@ -13,6 +13,7 @@ import pytest
 from sppd_megatron.pairs.cli import MERGES, PairsConfig, run_pairs
 from sppd_megatron.pairs.handmade import handmade_tree, step
 from sppd_megatron.records import Prompt, PromptTemplate, write_jsonl
+from sppd_megatron.sampling.config import SampleConfig
 from sppd_megatron.sampling.engines.base import Generation
 from sppd_megatron.sampling.tree_sampler import TreeSampler
 from sppd_megatron.tokenization import BoundaryMergeError, encode, encode_continuation, load_tokenizer
@@ -83,14 +84,13 @@ class OneStepEngine:
 
 
 def test_sampler_counts_merging_and_retokenised_steps(bpe):
-    from tests.sampling.helpers import small_config
-
     newline = bpe.convert_tokens_to_ids("Ċ")
     canonical = bpe("So x = 5.\n\n", add_special_tokens=False)["input_ids"]
     split_newlines = bpe("So x = 5.", add_special_tokens=False)["input_ids"] + [newline, newline]
     merging = bpe("er is 5.\n\n", add_special_tokens=False)["input_ids"]
     template = PromptTemplate(system_prompt="", use_chat_template=False, plain_format="{question}")
-    cfg = small_config(K=1, C=3, max_depth=1, max_step_tokens=16, max_total_tokens=16)
+    cfg = SampleConfig(input="unused", output_dir="unused", K=1, C=3, max_depth=1, max_step_tokens=16,
+                       max_total_tokens=16, progress=False)
     sampler = TreeSampler(OneStepEngine(bpe, [canonical, split_newlines, merging]), bpe, cfg, template)
     [tree] = sampler.sample([Prompt(id="q", question="The answ", gold_answer="5")])
     assert [n.text for n in tree.nodes[1:]] == ["So x = 5.\n\n", "So x = 5.\n\n", "er is 5.\n\n"]
