@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
@@ -27,7 +26,6 @@ from sppd_megatron.sampling.prompts import load_prompts, resolve_template
 from sppd_megatron.sampling.tree_sampler import TreeSampler
 from sppd_megatron.tokenization import build_char_tokenizer
 
-DEFAULT_INPUT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "gsm8k" / "test.jsonl"
 
 
 def run(cfg: SampleConfig, prompts, model, tokenizer, template, reuse: bool):
@@ -40,7 +38,7 @@ def run(cfg: SampleConfig, prompts, model, tokenizer, template, reuse: bool):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--input", default=str(DEFAULT_INPUT))
+    ap.add_argument("--input", default="gsm8k", help="prompt source (default: the packaged GSM8K test set)")
     ap.add_argument("--questions", type=int, default=50)
     ap.add_argument("--K", type=int, default=64)
     ap.add_argument("--C", type=int, default=2)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from sppd_megatron.records import RecordError
+
 CHAR_TOKENIZER_SPEC = "builtin:char"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 GENERIC_FAST_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
@@ -89,3 +91,25 @@ def encode(tokenizer, text: str) -> list[int]:
     if lead and ids[: len(lead)] != lead:
         ids = lead + ids
     return list(ids)
+
+
+class BoundaryMergeError(RecordError):
+    """A continuation re-tokenises differently when joined to its context (a token merges across the boundary)."""
+
+
+def encode_continuation(tokenizer, context: str, continuation: str) -> tuple[list[int], int]:
+    """``(ids, context_len)``: ``encode(context + continuation)``, whose first ``context_len`` ids are
+    ``encode(context)``. How training tokenises a prompt + prefix and the step that follows.
+
+    With a BPE tokenizer a step's first characters can merge with its context's last ones ("...the
+    answ" + "er is" -> "answer"), so no id sequence is the context alone: that raises
+    BoundaryMergeError, and the step cannot be trained on as a continuation of its context.
+    """
+    ctx_ids = encode(tokenizer, context)
+    full_ids = encode(tokenizer, context + continuation)
+    if full_ids[: len(ctx_ids)] != ctx_ids or len(full_ids) == len(ctx_ids):
+        raise BoundaryMergeError(
+            "the continuation re-tokenises differently when joined to its context (a token merges across "
+            "the boundary); end steps with the delimiter or use a tokenizer whose boundary is stable",
+        )
+    return full_ids, len(ctx_ids)

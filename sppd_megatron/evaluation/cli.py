@@ -66,7 +66,7 @@ def run_eval(cfg: EvalConfig, orm=None) -> dict:
     from sppd_megatron.sampling.engines import build_engine
     from sppd_megatron.tokenization import load_tokenizer
 
-    benchmarks = load_benchmarks(cfg.benchmarks, cfg.data_dir, cfg.fields, cfg.limit)
+    benchmarks = load_benchmarks(cfg.benchmarks, cfg.fields, cfg.limit)
     model_path, tokenizer_spec = prepare_model(cfg)
     tokenizer = load_tokenizer(tokenizer_spec)
     orm = orm if orm is not None else build_orm(cfg.orm)
@@ -89,7 +89,8 @@ def _csv(text: str) -> list[str]:
 FLAGS = [
     ("--model", "model", str, "HF directory, sppd-megatron checkpoint directory, or tiny:llama", None),
     ("--tokenizer", "tokenizer", str, "tokenizer directory or builtin:char (default: the model's)", None),
-    ("--bench", "benchmarks", _csv, "comma-separated: gsm8k, math500, gaokao2023en, name=path.jsonl", None),
+    ("--bench", "benchmarks", _csv, "comma-separated: gsm8k, math500, gaokao2023en, hf:DATASET[:SPLIT], "
+                                     "path.jsonl, NAME=any of these", None),
     ("--modes", "modes", _csv, "comma-separated: greedy, maj@N, orm_vote@N, orm_max@N", None),
     ("--limit", "limit", int, "first N questions of each benchmark", None),
     ("--out", "output_dir", str, "output directory (resumable)", None),
@@ -100,10 +101,9 @@ FLAGS = [
     ("--max-new-tokens", "max_new_tokens", int, "generation limit per solution (default 2048)", None),
     ("--temperature", "temperature", float, "sampling temperature of maj/orm samples (default 0.7)", None),
     ("--seed", "seed", int, "sampling seed (default 0)", None),
-    ("--question-field", "fields.question", str, "question field of custom JSONL benchmarks", None),
-    ("--answer-field", "fields.answer", str, "gold answer field of custom JSONL benchmarks", None),
-    ("--id-field", "fields.id", str, "id field of custom JSONL benchmarks", None),
-    ("--data-dir", "data_dir", str, "directory of the named benchmarks (default ../shared/data)", None),
+    ("--question-field", "fields.question", str, "question field of benchmarks other than the named ones", None),
+    ("--answer-field", "fields.answer", str, "gold answer field of benchmarks other than the named ones", None),
+    ("--id-field", "fields.id", str, "id field of benchmarks other than the named ones", None),
 ]
 
 

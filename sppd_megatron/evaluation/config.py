@@ -23,11 +23,10 @@ class EvalConfig:
     tokenizer: str | None = None
     """Tokenizer directory or ``builtin:char``; None: the model's (``builtin:char`` for tiny models)."""
     benchmarks: list[str] = field(default_factory=lambda: ["gsm8k", "math500", "gaokao2023en"])
-    """``gsm8k``, ``math500``, ``gaokao2023en`` (test sets in ``data_dir``), ``name=path.jsonl`` or ``path.jsonl``."""
-    data_dir: str | None = None
-    """Where the named benchmarks live; None: ``../shared/data`` relative to the repository root."""
+    """``gsm8k``, ``math500``, ``gaokao2023en`` (shipped in the package), ``hf:DATASET[:SPLIT]``, a ``.jsonl``
+    path, or ``NAME=`` any of these (NAME labels it in the tables)."""
     fields: PromptFields = field(default_factory=PromptFields)
-    """Question / answer / id field names of the custom (``name=path``) benchmarks."""
+    """Question / answer / id field names of the benchmarks other than the named ones."""
     modes: list[str] = field(default_factory=lambda: ["greedy"])
     """``greedy``, ``maj@N``, ``orm_vote@N``, ``orm_max@N``; sampling modes share one set of max-N samples."""
     limit: int | None = None
@@ -62,7 +61,7 @@ class EvalConfig:
         if not self.benchmarks:
             raise ValueError("benchmarks: give at least one")
         for spec in self.benchmarks:
-            resolve_benchmark(spec, self.data_dir)
+            resolve_benchmark(spec)
         if self.limit is not None and self.limit < 1:
             raise ValueError("limit must be >= 1 when set")
         if self.max_new_tokens < 1 or self.questions_per_batch < 1:

@@ -36,6 +36,7 @@ from sppd_megatron.pairs.builders import (
 from sppd_megatron.records import PreferencePair, RecordError, SFTExample, Tree, iter_jsonl_lenient, write_jsonl
 from sppd_megatron.scoring.cli import input_shards
 from sppd_megatron.scoring.rejects import RejectsFile
+from sppd_megatron.tokenization import CHAR_TOKENIZER_SPEC, BoundaryMergeError, load_tokenizer
 from sppd_megatron.training.config import Overlong
 
 OUTPUTS = {"sft": "sft.jsonl", "dpo": "dpo.jsonl", "step": "step_pairs.jsonl", "svpo": "svpo_pairs.jsonl"}
@@ -87,7 +88,8 @@ class TrainableConfig:
     """Check every built record the way ``train`` will read it, so training never meets one it refuses."""
 
     tokenizer: str | None = None
-    """The tokenizer training uses (a directory or ``builtin:char``); unset: no check."""
+    """The tokenizer training uses (a directory or ``builtin:char``); unset: the trees' policy's own
+    (none is checked when the policy directory holds no tokenizer: the stats count those trees)."""
     datasets: dict[str, TrainingData] = field(default_factory=dict)
     """Dataset (``sft``, ``dpo``, ``step``, ``svpo``) -> the data settings of the stage that trains on it;
     a dataset not listed is not checked."""
@@ -96,8 +98,6 @@ class TrainableConfig:
         unknown = sorted(set(self.datasets) - set(OUTPUTS))
         if unknown:
             raise ValueError(f"trainable.datasets: unknown {unknown}; valid: {sorted(OUTPUTS)}")
-        if self.datasets and not self.tokenizer:
-            raise ValueError("trainable.datasets needs trainable.tokenizer")
 
 
 @dataclass
@@ -164,31 +164,40 @@ def _pair_stats(pairs: list, per_question: Counter, questions: int) -> dict:
     }
 
 
-def training_checks(cfg: TrainableConfig) -> dict[str, Callable[[PreferencePair | SFTExample], tuple[str, str] | None]]:
-    """Dataset -> a function giving (category, reason) when its training stage would refuse a record.
+MERGES = "merges with its context when re-tokenised"
 
-    The record goes through ``training.data.build_example``, the trainer's own tokenisation, with
-    that stage's settings; the vocabulary check is the model's and is left to training.
+
+def _tokenizer_spec(cfg: PairsConfig, tree: Tree) -> str | None:
+    """The tokenizer training will use: ``trainable.tokenizer``, else the trees' policy's own."""
+    if cfg.trainable.tokenizer:
+        return cfg.trainable.tokenizer
+    if tree.policy.startswith("tiny"):
+        return CHAR_TOKENIZER_SPEC
+    policy = Path(tree.policy)
+    return tree.policy if (policy / "tokenizer.json").is_file() or (policy / "tokenizer_config.json").is_file() else None
+
+
+def refusal(cfg: TrainableConfig, kind: str, record: PreferencePair | SFTExample, tokenizer) -> tuple[str, str] | None:
+    """(category, reason) when training would refuse ``record``; None when it takes it.
+
+    The record goes through ``training.data.build_example``, the trainer's own tokenisation, with the
+    settings of the stage that trains on ``kind`` (``trainable.datasets``); a dataset without settings
+    is still checked for what every stage refuses, a continuation that merges with its context (a BPE
+    token across the step boundary). The vocabulary check is the model's and is left to training.
     """
-    if not cfg.tokenizer or not cfg.datasets:
-        return {}
-    from sppd_megatron.tokenization import load_tokenizer
     from sppd_megatron.training.data import TooLong, build_example
 
-    tokenizer = load_tokenizer(cfg.tokenizer)
-
-    def check(data: TrainingData):
-        def reason(record: PreferencePair | SFTExample) -> tuple[str, str] | None:
-            try:
-                build_example(record, tokenizer, data.max_length, None, data.append_eos, overlong=data.overlong)
-            except TooLong as exc:
-                return "too long for training", f"training would refuse it: {exc.reason}"
-            except RecordError as exc:
-                return "not trainable", f"training would refuse it: {exc.reason}"
-            return None
-        return reason
-
-    return {kind: check(data) for kind, data in cfg.datasets.items()}
+    data = cfg.datasets.get(kind)
+    try:
+        build_example(record, tokenizer, data.max_length if data else sys.maxsize, None,
+                      data.append_eos if data else True, overlong=data.overlong if data else "error")
+    except BoundaryMergeError as exc:
+        return MERGES, f"training would refuse it: {exc.reason}"
+    except TooLong as exc:
+        return "too long for training", f"training would refuse it: {exc.reason}"
+    except RecordError as exc:
+        return "not trainable", f"training would refuse it: {exc.reason}"
+    return None
 
 
 def run_pairs(cfg: PairsConfig) -> dict:
@@ -203,19 +212,20 @@ def run_pairs(cfg: PairsConfig) -> dict:
     per_question: dict[str, Counter] = {k: Counter() for k in OUTPUTS}
     duplicates = Counter()
     untrainable = Counter()
-    checks = training_checks(cfg.trainable)
     trees_read = trees_used = 0
     tree_ids: set[str] = set()
+    tokenizers: dict[str, object] = {}
+    unchecked_trees = 0
     bar = tqdm(desc="pairs", unit="tree", disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
     with RejectsFile(out_dir / "rejects.jsonl") as rejects:
 
-        def keep(kind: str, records: list, cap: int | None, file: Path, line: int) -> None:
+        def keep(kind: str, records: list, cap: int | None, file: Path, line: int, tokenizer) -> None:
             valid = []
             for record in records:
                 reason = invalid_reason(record)
                 if reason:
                     category = "pair without signal" if "identical" in reason else f"invalid {record.kind} record"
-                elif kind in checks and (refused := checks[kind](record)):
+                elif tokenizer is not None and (refused := refusal(cfg.trainable, kind, record, tokenizer)):
                     category, reason = refused
                     untrainable[kind] += 1
                 if reason:
@@ -248,15 +258,21 @@ def run_pairs(cfg: PairsConfig) -> dict:
                     rejects.add(shard, line, str(exc), "tree not usable")
                     continue
                 trees_used += 1
+                spec = _tokenizer_spec(cfg, tree)
+                if spec is None:
+                    unchecked_trees += 1
+                elif spec not in tokenizers:
+                    tokenizers[spec] = load_tokenizer(spec)
+                tok = tokenizers.get(spec)
                 sft = sft_prm(tree, cfg.value_name)
-                keep("sft", [sft] if sft else [], None, shard, line)
+                keep("sft", [sft] if sft else [], None, shard, line, tok)
                 dpo = dpo_prm(tree, cfg.value_name)
-                keep("dpo", [dpo] if dpo else [], None, shard, line)
+                keep("dpo", [dpo] if dpo else [], None, shard, line, tok)
                 keep("step", step_pairs(tree, cfg.value_name, cfg.step.threshold),
-                     cfg.step.max_pairs_per_question, shard, line)
+                     cfg.step.max_pairs_per_question, shard, line, tok)
                 if cfg.svpo.enabled:
                     keep("svpo", svpo_pairs(tree, cfg.value_name, cfg.svpo.counts, cfg.svpo.threshold),
-                         cfg.svpo.max_pairs_per_question, shard, line)
+                         cfg.svpo.max_pairs_per_question, shard, line, tok)
         bar.close()
         written = {}
         for kind, name in OUTPUTS.items():
@@ -270,7 +286,9 @@ def run_pairs(cfg: PairsConfig) -> dict:
             "rejected": rejects.count,
             "rejected_by_reason": dict(sorted(rejects.reasons.items())),
             "duplicates_removed": dict(sorted(duplicates.items())),
-            "untrainable": {kind: untrainable[kind] for kind in checks},
+            "untrainable": {kind: untrainable[kind] for kind in OUTPUTS if kind in written},
+            "tokenizers_checked": sorted(tokenizers),
+            "trees_without_tokenizer_check": unchecked_trees,
             "sft": {"examples": written["sft"], "questions_without_correct": trees_used - written["sft"]},
             "dpo": {"pairs": written["dpo"],
                     "gap_mean": round(sum(gap(p) for p in data["dpo"]) / len(data["dpo"]), 4) if data["dpo"] else None},
@@ -311,12 +329,15 @@ def print_stats(stats: dict, output_dir: str) -> None:
     reasons = ", ".join(f"{k} {n}" for k, n in stats["rejected_by_reason"].items())
     console.print(f"rejected: {stats['rejected']}" + (f" ({reasons}; see rejects.jsonl)" if reasons else "")
                   + f"; duplicates removed: {dups}")
-    if stats["untrainable"]:
+    if stats["tokenizers_checked"]:
         console.print(f"refused by training (in rejects.jsonl): {untrainable_summary(stats['untrainable'])}")
+    if stats["trees_without_tokenizer_check"]:
+        console.print(f"{stats['trees_without_tokenizer_check']} trees' policy holds no tokenizer, so their records were "
+                      "not checked the way training reads them: set trainable.tokenizer=DIR")
 
 
 def untrainable_summary(untrainable: dict[str, int]) -> str:
-    """``SFT-PRM 0, DPO-PRM 2, step pairs 0``: records per checked dataset that training would refuse."""
+    """``SFT-PRM 0, DPO-PRM 2, step pairs 0``: records per dataset that training would refuse."""
     return ", ".join(f"{name} {untrainable[kind]}" for kind, name in DATASET_NAMES.items() if kind in untrainable)
 
 

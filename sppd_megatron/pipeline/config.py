@@ -33,7 +33,8 @@ class PromptsConfig:
     """The questions the policy samples trees for."""
 
     path: str
-    """Prompts JSONL: Prompt records or a benchmark layout (see ``sppd-megatron sample``)."""
+    """Prompt source: ``gsm8k`` / ``math500`` / ``gaokao2023en``, ``hf:DATASET[:SPLIT]`` or a JSONL path
+    (as ``sppd-megatron sample``'s ``input``)."""
     fields: PromptFields = field(default_factory=PromptFields)
     """Field names when the layout is not detected."""
     limit: int | None = None
@@ -45,8 +46,9 @@ class BenchmarkConfig:
     """One evaluation set."""
 
     path: str
-    """JSONL in any layout ``load_prompts`` reads."""
+    """Prompt source, as ``prompts.path``: ``gsm8k``, ``hf:DATASET[:SPLIT]``, a JSONL path..."""
     fields: PromptFields = field(default_factory=PromptFields)
+    """Field names when the layout is not detected."""
     limit: int | None = None
     """Evaluate only the first N questions."""
 

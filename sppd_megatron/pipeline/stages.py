@@ -24,6 +24,7 @@ import yaml
 from sppd_megatron.config import config_to_dict
 from sppd_megatron.pipeline.config import TRAIN_STAGES, RunConfig
 from sppd_megatron.pipeline.manifest import run_stage
+from sppd_megatron.sampling.prompts import source_path
 
 Log = Callable[[str], None]
 
@@ -117,7 +118,7 @@ def sample_stage(cfg: RunConfig, stage_dir: Path, policy_hf: str, log: Log) -> s
         return {"trees": stage_dir / "trees"}
 
     return run_stage(stage_dir, "sample", config_to_dict(sample_cfg),
-                     {"policy": policy_hf, "prompts": cfg.prompts.path}, body, log)["trees"]
+                     {"policy": policy_hf, "prompts": source_path(cfg.prompts.path) or cfg.prompts.path}, body, log)["trees"]
 
 
 def score_stage(cfg: RunConfig, stage_dir: Path, trees: str, policy_hf: str, log: Log) -> str:
@@ -250,7 +251,7 @@ def eval_stage(cfg: RunConfig, stage_dir: Path, model_name: str, hf_dir: str, lo
     """Evaluate one HF model on every benchmark with every mode (issue 6's harness); returns its summary."""
     settings = {k: v for k, v in config_to_dict(cfg.eval).items() if k != "models"}  # the list is not this model's
     config = {"model": model_name, "eval": settings, "template": config_to_dict(cfg.template)}
-    inputs = {"model": hf_dir, **{f"bench_{name}": b.path for name, b in cfg.eval.benchmarks.items()}}
+    inputs = {"model": hf_dir, **{f"bench_{name}": source_path(b.path) or b.path for name, b in cfg.eval.benchmarks.items()}}
 
     def body() -> dict:
         try:

@@ -55,7 +55,8 @@ def run_sampling(cfg: SampleConfig) -> dict:
     if not todo_groups:
         writer.close()
         return {**summary, "generated_tokens": 0, "computed_tokens": 0, "context_tokens": 0,
-                "cached_prefix_tokens": 0, "cache_hit_rate": 0.0, "seconds": 0.0}
+                "cached_prefix_tokens": 0, "cache_hit_rate": 0.0, "seconds": 0.0, "steps": 0,
+                "steps_retokenised_differently": 0, "steps_merging_with_context": 0}
 
     engine = build_engine(cfg.engine, cfg.model, tokenizer, tokenizer_path=tokenizer_spec, seed=cfg.seed)
     sampler = TreeSampler(engine, tokenizer, cfg, template)
@@ -87,8 +88,13 @@ def run_sampling(cfg: SampleConfig) -> dict:
     stats = sampler.stats
     summary.update(generated_tokens=stats.generated_tokens, computed_tokens=stats.computed_tokens,
                    context_tokens=stats.context_tokens, cached_prefix_tokens=stats.cached_prefix_tokens,
-                   cache_hit_rate=stats.cache_hit_rate, seconds=time.perf_counter() - start_time)
-    write_manifest(cfg.output_dir, config_to_dict(cfg), {"num_questions": len(prompts), "complete": True})
+                   cache_hit_rate=stats.cache_hit_rate, seconds=time.perf_counter() - start_time, steps=stats.steps,
+                   steps_retokenised_differently=stats.steps_retokenised_differently,
+                   steps_merging_with_context=stats.steps_merging_with_context)
+    # What this invocation did (a resumed run counts only the trees it sampled).
+    this_run = {k: v for k, v in summary.items() if k not in ("questions", "already_done")}
+    write_manifest(cfg.output_dir, config_to_dict(cfg), {"num_questions": len(prompts), "complete": True,
+                                                         "this_run": this_run})
     return summary
 
 
@@ -103,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{summary['questions']} questions into {cfg.output_dir} in {summary['seconds']:.1f}s; "
           f"generated {summary['generated_tokens']} tokens ({summary['generated_tokens'] / secs:.0f} tok/s), "
           f"computed {summary['computed_tokens']}; prefix cache served {summary['cache_hit_rate']:.1%} of "
-          f"{summary['context_tokens']} context tokens")
+          f"{summary['context_tokens']} context tokens; of {summary['steps']} steps, "
+          f"{summary['steps_retokenised_differently']} re-tokenise to other ids in context and "
+          f"{summary['steps_merging_with_context']} merge with their context (pairs drops those)")
     return 0
 
 

@@ -68,7 +68,8 @@ class SampleConfig:
     """Tree-based self-sampling (SPPD section 4.2) of every prompt in ``input``."""
 
     input: str
-    """Prompts JSONL: Prompt records, or the GSM8K / MATH-500 / GaoKao layouts of ../shared/data."""
+    """Prompt source: ``gsm8k`` / ``math500`` / ``gaokao2023en`` (shipped), ``hf:DATASET[:SPLIT]``, or a JSONL
+    of Prompt records or of the GSM8K / MATH-500 / GaoKao layouts."""
     output_dir: str
     """Directory of ``trees-NNNNN.jsonl`` shards plus ``sample_manifest.json``; re-running resumes."""
     model: str = "tiny:llama"

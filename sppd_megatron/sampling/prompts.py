@@ -1,9 +1,18 @@
 """Questions in, model prompts out.
 
-:func:`load_prompts` reads our own Prompt records and the benchmark layouts in ../shared/data
-(GSM8K ``{question, answer: "... #### N"}``, MATH-500 ``{problem, answer, unique_id}``, GaoKao
-``{question, answer}``) line by line; field names can be overridden. :func:`render_prompt` turns a
-question into the exact text the policy is conditioned on, using a recorded PromptTemplate.
+Prompts come from a *source*, one syntax wherever prompts are read (``sample``'s ``input``, ``run``'s
+``prompts.path`` and benchmarks, ``eval --bench``):
+
+- ``gsm8k``, ``math500``, ``gaokao2023en``: the test sets shipped inside the package (``sppd_megatron/data``,
+  each with its origin and licence beside it);
+- ``hf:DATASET[:SPLIT]`` or ``hf:DATASET:CONFIG:SPLIT``: a Hugging Face dataset read through ``datasets``, a
+  directory written by ``save_to_disk`` or anything ``datasets.load_dataset`` accepts (the hub, its cache);
+- anything else: a JSONL file.
+
+:func:`load_prompts` reads our own Prompt records and the benchmark layouts (GSM8K ``{question, answer:
+"... #### N"}``, MATH-500 ``{problem, answer, unique_id}``, GaoKao ``{question, answer}``) row by row; field
+names can be overridden. :func:`render_prompt` turns a question into the exact text the policy is
+conditioned on, using a recorded PromptTemplate.
 """
 
 from __future__ import annotations
@@ -11,9 +20,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from sppd_megatron.records import Prompt, PromptTemplate, RecordError
 from sppd_megatron.tokenization import encode
+
+BENCHMARK_DIR = Path(__file__).resolve().parents[1] / "data"
+"""The package's copies of the named test sets."""
+NAMED_BENCHMARKS = {
+    "gsm8k": "gsm8k/test.jsonl",
+    "math500": "math500/test.jsonl",
+    "gaokao2023en": "gaokao2023en/test.jsonl",
+}
+HF_PREFIX = "hf:"
+SOURCE_SYNTAX = f"{', '.join(NAMED_BENCHMARKS)}, hf:DATASET[:SPLIT], hf:DATASET:CONFIG:SPLIT or a JSONL path"
 
 
 @dataclass
@@ -26,6 +46,87 @@ class PromptFields:
     """Field holding the gold answer (detected: ``gold_answer``, then ``answer``; GSM8K's text after ``####``)."""
     id: str | None = None
     """Field holding a unique id (detected: ``id``, then ``unique_id``; else ``<source>-<row>``)."""
+
+
+def is_named_benchmark(source: str) -> bool:
+    return str(source).strip() in NAMED_BENCHMARKS
+
+
+def _parse_hf(source: str) -> tuple[str, str | None, str | None]:
+    """``hf:DATASET[:SPLIT]`` / ``hf:DATASET:CONFIG:SPLIT`` -> (dataset, config, split)."""
+    parts = source[len(HF_PREFIX):].split(":")
+    if not parts[0] or len(parts) > 3 or not all(parts):
+        raise ValueError(f"prompt source {source!r}: expected hf:DATASET[:SPLIT] or hf:DATASET:CONFIG:SPLIT")
+    if len(parts) == 3:
+        return parts[0], parts[1], parts[2]
+    return parts[0], None, parts[1] if len(parts) == 2 else None
+
+
+def source_path(source: str | Path) -> Path | None:
+    """The file or directory a source reads (what a run's manifest fingerprints); None for a hub dataset."""
+    source = str(source).strip()
+    if is_named_benchmark(source):
+        return BENCHMARK_DIR / NAMED_BENCHMARKS[source]
+    if source.startswith(HF_PREFIX):
+        dataset = Path(_parse_hf(source)[0])
+        return dataset if dataset.exists() else None
+    return Path(source)
+
+
+def source_name(source: str | Path) -> str:
+    """A short label: ``gsm8k`` -> ``gsm8k-test``, ``hf:org/name:train`` -> ``name-train``,
+    ``data/gsm8k/test.jsonl`` -> ``gsm8k-test`` (benchmark folder and split)."""
+    text = str(source).strip()
+    if text.startswith(HF_PREFIX):
+        dataset, _, split = _parse_hf(text)
+        base = Path(dataset.rstrip("/")).name
+        return f"{base}-{split}" if split else base
+    path = source_path(text)
+    return f"{path.parent.name}-{path.stem}" if path.parent.name else path.stem
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
+    """(line, row, None) or (line, None, reason) per non-empty line."""
+    try:
+        fh = path.open("r", encoding="utf-8")
+    except OSError as exc:
+        hint = "" if path.suffix else f" (not a file; named benchmarks: {', '.join(NAMED_BENCHMARKS)})"
+        raise RecordError(f"cannot open prompts ({exc.strerror}){hint}", path) from None
+    with fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield lineno, None, f"malformed JSON ({exc.msg} at column {exc.colno})"
+                continue
+            yield lineno, row, None
+
+
+def _hf_rows(source: str) -> Iterator[tuple[int, dict | None, str | None]]:
+    """Rows of a Hugging Face dataset, numbered from 1 like lines."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise RecordError(f"reading {source} needs the datasets package ({exc})") from None
+    name, config, split = _parse_hf(source)
+    try:
+        if Path(name).is_dir() and config is None:
+            data = datasets.load_from_disk(name)  # a save_to_disk directory
+        else:
+            data = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ...)
+        raise RecordError(f"cannot load the dataset ({type(exc).__name__}: {exc})", source) from None
+    if isinstance(data, datasets.DatasetDict):
+        if split is None and len(data) == 1:
+            split = next(iter(data))
+        if split not in data:
+            raise RecordError(f"split {split!r} not in the dataset; it has {sorted(data)} "
+                              "(hf:DATASET:SPLIT picks one)", source)
+        data = data[split]
+    for index, row in enumerate(data, 1):
+        yield index, row, None
 
 
 def _first(row: dict, names: list[str]) -> str | None:
@@ -61,42 +162,36 @@ def _row_to_prompt(row: dict, fields: PromptFields, source: str, row_index: int)
     return prompt
 
 
-def source_name(path: Path) -> str:
-    """``../shared/data/gsm8k/test.jsonl`` -> ``gsm8k-test``: benchmark folder and split."""
-    return f"{path.parent.name}-{path.stem}" if path.parent.name else path.stem
+def load_prompts(source: str | Path, fields: PromptFields | None = None, limit: int | None = None) -> list[Prompt]:
+    """The first ``limit`` prompts of a source (see the module docstring) in its order.
 
-
-def load_prompts(path: str | Path, fields: PromptFields | None = None, limit: int | None = None) -> list[Prompt]:
-    """All prompts of a JSONL file in file order; a bad line raises RecordError(file, line)."""
-    path = Path(path)
+    A bad row raises RecordError naming the file (or ``hf:`` source) and line (row, from 1).
+    """
+    text = str(source).strip()
     fields = fields or PromptFields()
-    source = source_name(path)
+    if text.startswith(HF_PREFIX):
+        where, rows = text, _hf_rows(text)
+    else:
+        where = source_path(text)
+        rows = _jsonl_rows(where)
+    name = source_name(text)
     out: list[Prompt] = []
     seen: dict[str, int] = {}
-    try:
-        fh = path.open("r", encoding="utf-8")
-    except OSError as exc:
-        raise RecordError(f"cannot open prompts ({exc.strerror})", path) from None
-    with fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            if limit is not None and len(out) >= limit:
-                break
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RecordError(f"malformed JSON ({exc.msg} at column {exc.colno})", path, lineno) from None
-            if not isinstance(row, dict):
-                raise RecordError("expected a JSON object", path, lineno)
-            try:
-                prompt = _row_to_prompt(row, fields, source, len(out))
-            except RecordError as exc:
-                raise RecordError(exc.reason, path, lineno) from None
-            if prompt.id in seen:
-                raise RecordError(f"duplicate id {prompt.id!r} (first on line {seen[prompt.id]})", path, lineno)
-            seen[prompt.id] = lineno
-            out.append(prompt)
+    for lineno, row, reason in rows:
+        if limit is not None and len(out) >= limit:
+            break
+        if reason is None and not isinstance(row, dict):
+            reason = "expected a JSON object"
+        if reason is not None:
+            raise RecordError(reason, where, lineno)
+        try:
+            prompt = _row_to_prompt(row, fields, name, len(out))
+        except RecordError as exc:
+            raise RecordError(exc.reason, where, lineno) from None
+        if prompt.id in seen:
+            raise RecordError(f"duplicate id {prompt.id!r} (first on line {seen[prompt.id]})", where, lineno)
+        seen[prompt.id] = lineno
+        out.append(prompt)
     return out
 
 

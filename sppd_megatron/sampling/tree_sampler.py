@@ -23,6 +23,7 @@ from sppd_megatron.sampling.config import SampleConfig
 from sppd_megatron.sampling.engines.base import Generation, GenerationRequest, RolloutEngine
 from sppd_megatron.sampling.prompts import render_prompt
 from sppd_megatron.sampling.steps import StepDelimiter, TerminalRules
+from sppd_megatron.tokenization import BoundaryMergeError, encode_continuation
 
 
 def derive_seed(*parts: object) -> int:
@@ -48,6 +49,15 @@ class RoundStats:
     context_tokens: int = 0
     cached_prefix_tokens: int = 0
     generated_tokens: int = 0
+    steps: int = 0
+    """Sampled steps with at least one token, each re-tokenised as training will (prompt + prefix + step)."""
+    steps_retokenised_differently: int = 0
+    """Steps whose text, re-tokenised in context, gives other ids than the sampled ones (a BPE tokenizer
+    can sample "\\n" "\\n" where it would encode "\\n\\n"). Training uses its own ids, the log-probs of the
+    recomputation then score those, not the sampled ones."""
+    steps_merging_with_context: int = 0
+    """Steps whose first token merges with the end of their context when re-tokenised: training cannot
+    take them as a continuation, so ``sppd-megatron pairs`` drops every record built on one."""
 
     @property
     def computed_tokens(self) -> int:
@@ -182,6 +192,21 @@ class TreeSampler:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def _check_retokenisation(self, tree: _GrowingTree, leaf: int, first_new: int) -> None:
+        """Count the new children of ``leaf`` whose tokens training would not reproduce (see RoundStats)."""
+        context = tree.prompt_text + "".join(n.text for n in tree._path(leaf))
+        for node in tree.nodes[first_new:]:
+            if not node.token_ids:
+                continue
+            self.stats.steps += 1
+            try:
+                ids, context_len = encode_continuation(self.tokenizer, context, node.text)
+            except BoundaryMergeError:
+                self.stats.steps_merging_with_context += 1
+                continue
+            if ids[context_len:] != node.token_ids:
+                self.stats.steps_retokenised_differently += 1
+
     def sample(self, prompts: list[Prompt], on_round=None) -> list[Tree]:
         """Trees for ``prompts`` (same order). ``on_round(stats)`` is called after each engine call."""
         # Engines that keep KV across calls start each batch empty: a batch's float arithmetic (and
@@ -210,7 +235,9 @@ class TreeSampler:
             self.stats.add(requests, generations)
             C = self.cfg.C
             for i, (t, leaf) in enumerate(batch):
+                first_new = len(t.nodes)
                 t.add_children(leaf, generations[i * C:(i + 1) * C], self.delimiter, self.rules, self._decode)
+                self._check_retokenisation(t, leaf, first_new)
             if on_round is not None:
                 on_round(self.stats)
         settings = self.cfg.sampling_settings()

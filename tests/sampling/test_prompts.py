@@ -6,7 +6,15 @@ from pathlib import Path
 import pytest
 
 from sppd_megatron.records import PromptTemplate, RecordError
-from sppd_megatron.sampling.prompts import PromptFields, load_prompts, render_prompt, resolve_template
+from sppd_megatron.sampling.prompts import (
+    NAMED_BENCHMARKS,
+    PromptFields,
+    load_prompts,
+    render_prompt,
+    resolve_template,
+    source_name,
+    source_path,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 
@@ -18,17 +26,53 @@ def test_gsm8k_layout(prompts_file):
     assert len(load_prompts(prompts_file, limit=2)) == 2
 
 
-@pytest.mark.parametrize("rel,gold_check", [
-    ("gsm8k/test.jsonl", lambda g: g.replace("-", "").isdigit()),
-    ("math500/test.jsonl", lambda g: g != ""),
-    ("gaokao2023en/test.jsonl", lambda g: g != ""),
-])
-def test_shared_benchmarks_load(rel, gold_check):
-    prompts = load_prompts(SHARED / rel, limit=5)
-    assert len(prompts) == 5
-    assert all(p.question and gold_check(p.gold_answer) for p in prompts)
-    if rel.startswith("math500"):
+@pytest.mark.parametrize("name,rows,empty_golds", [("gsm8k", 1319, 0), ("math500", 500, 0), ("gaokao2023en", 385, 2)])
+def test_named_benchmarks_ship_in_the_package(name, rows, empty_golds):
+    prompts = load_prompts(name)
+    assert len(prompts) == rows
+    assert all(p.question for p in prompts)
+    assert sum(not p.gold_answer for p in prompts) == empty_golds  # as distributed (two GaoKao rows have none)
+    if name == "gsm8k":
+        assert all(p.gold_answer.lstrip("-").replace(".", "").isdigit() for p in prompts)
+    assert len(load_prompts(name, limit=5)) == 5
+    if name == "math500":
         assert prompts[0].id.startswith("test/")  # MATH-500 unique_id
+    else:
+        assert prompts[0].id == f"{name}-test-00000"
+    path = source_path(name)
+    assert path.parent.parent.name == "data" and (path.parent / "ORIGIN.md").is_file()
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data (the copies' origin) is not beside the repository")
+@pytest.mark.parametrize("name", sorted(NAMED_BENCHMARKS))
+def test_packaged_copies_are_the_original_files(name):
+    assert source_path(name).read_bytes() == (SHARED / NAMED_BENCHMARKS[name]).read_bytes()
+
+
+def test_hf_dataset_source(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = {"question": ["What is 2+3?", "What is 6*7?"], "answer": ["2+3=5\n#### 5", "6*7=42\n#### 42"]}
+    single = tmp_path / "single"
+    datasets.Dataset.from_dict(rows).save_to_disk(str(single))
+    prompts = load_prompts(f"hf:{single}")
+    assert [(p.id, p.gold_answer) for p in prompts] == [("single-00000", "5"), ("single-00001", "42")]
+    splits = tmp_path / "splits"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
+                          "test": datasets.Dataset.from_dict({"problem": ["1+1?"], "answer": ["2"]})}
+                         ).save_to_disk(str(splits))
+    [p] = load_prompts(f"hf:{splits}:test")
+    assert (p.id, p.question, p.gold_answer, p.source) == ("splits-test-00000", "1+1?", "2", "splits-test:0")
+    assert len(load_prompts(f"hf:{splits}:train", limit=1)) == 1
+    assert source_name(f"hf:{splits}:train") == "splits-train"
+    with pytest.raises(RecordError, match=r"split None not in the dataset; it has \['test', 'train'\]"):
+        load_prompts(f"hf:{splits}")
+    custom = tmp_path / "custom"
+    datasets.Dataset.from_dict({"prompt_text": ["2+2?", ""], "target": [4, 5]}).save_to_disk(str(custom))
+    with pytest.raises(RecordError) as err:  # a bad row names the source and the row
+        load_prompts(f"hf:{custom}", PromptFields(question="prompt_text", answer="target"))
+    assert f"hf:{custom}:2:" in str(err.value) and "empty" in str(err.value)
+    with pytest.raises(RecordError, match="cannot load the dataset"):
+        load_prompts(f"hf:{tmp_path / 'missing'}:test")
 
 
 def test_own_records_and_field_overrides(tmp_path):

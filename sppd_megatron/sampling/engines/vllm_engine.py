@@ -24,6 +24,9 @@ from typing import Any, Callable
 
 from sppd_megatron.sampling.engines.base import Generation, GenerationRequest
 
+RESET_PREFIX_CACHE = "reset_prefix_cache"
+"""The message that empties the child's prefix cache (between lists of requests)."""
+
 STOP_TIMEOUT_S = 60.0
 """How long the child gets to shut vLLM down before it is terminated (then killed)."""
 
@@ -79,6 +82,12 @@ class VLLMGenerator:
         self.sampling_params_cls = sampling_params_cls
         self.tokens_prompt_cls = tokens_prompt_cls
 
+    def reset_prefix_cache(self) -> None:
+        # ``LLM.reset_prefix_cache()`` returns False (and keeps the cache) while requests are running;
+        # between our synchronous generate calls none are.
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset its prefix cache (requests still running)")
+
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
         prompts = [self.tokens_prompt_cls(prompt_token_ids=list(r.context_ids)) for r in requests]
         params = [vllm_sampling_params(r, self.sampling_params_cls) for r in requests]
@@ -115,7 +124,11 @@ def _serve(conn, backend: Callable[..., VLLMGenerator], llm_kwargs: dict[str, An
         if requests is None:
             break
         try:
-            reply = ("ok", generator.generate(requests))
+            if requests == RESET_PREFIX_CACHE:
+                generator.reset_prefix_cache()
+                reply = ("ok", None)
+            else:
+                reply = ("ok", generator.generate(requests))
         except Exception as exc:
             reply = ("error", _describe(exc))
         try:
@@ -193,16 +206,24 @@ class VLLMEngine:
             raise RuntimeError(f"vLLM (child process): {payload}")
         return payload
 
-    def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
-        if not requests:
-            return []
+    def _call(self, message: Any) -> Any:
+        """Send one message to the child and wait for its answer."""
         if self.process is None:
             raise RuntimeError("the vLLM engine is closed")
         try:
-            self._conn.send(requests)
+            self._conn.send(message)
         except OSError:
             raise self._died() from None
         return self._receive()
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
+        return self._call(requests) if requests else []
+
+    def reset_prefix_cache(self) -> None:
+        """Empty vLLM's prefix cache. The tree sampler calls this before each group of questions: a
+        cached prefix's KV comes from another batch's arithmetic than a recomputed one, so without it a
+        group's trees would depend on which groups ran before (a resumed run would differ)."""
+        self._call(RESET_PREFIX_CACHE)
 
     def update_weights_from_hf(self, hf_dir: str) -> None:
         # No portable in-place reload across vLLM releases: a new child on the new weights.
