@@ -164,5 +164,5 @@ def test_pairs_too_long_for_training_go_to_rejects_and_the_run_goes_on(reference
     assert all(f"sequence of {max(lengths)} tokens is longer than data.max_length={max_length}" in r["reason"]
                for r in rejects)
     report = json.loads((run_dir / "report.json").read_text())["iterations"]["1"]
-    assert report["pairs"]["untrainable"] == {"sft": too_long}
+    assert report["pairs"]["untrainable"] == {"sft": too_long, "dpo": 0, "step": 0}
     assert report["train"]["sft_prm"]["step"] == 3
