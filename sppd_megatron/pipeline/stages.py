@@ -21,15 +21,15 @@ from typing import Callable
 
 import yaml
 
-from sppd_megatron.config import config_to_dict
+from sppd_megatron.config import RunStopped, config_to_dict
 from sppd_megatron.pipeline.config import TRAIN_STAGES, RunConfig
 from sppd_megatron.pipeline.manifest import run_stage
 
 Log = Callable[[str], None]
 
 
-class StageFailed(RuntimeError):
-    """A child process of a stage exited with an error; the message points at its log."""
+class StageFailed(RunStopped):
+    """A child process of a stage exited with an error; the message gives its last line and its log."""
 
 
 # --- child processes ------------------------------------------------------------------------------
@@ -68,8 +68,12 @@ def run_child(args: list[str], log_path: Path, threads: int, launcher: list[str]
     if poll is not None:
         poll()
     if proc.returncode != 0:
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
-        raise StageFailed(f"{' '.join(args[:2])} exited with status {proc.returncode}; log: {log_path}\n{tail}")
+        if proc.returncode < 0:
+            why = f"was killed by {signal.Signals(-proc.returncode).name}"
+        else:
+            lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+            why = f"exited with status {proc.returncode}" + (f" ({lines[-1].strip()[:500]})" if lines else "")
+        raise StageFailed(f"{' '.join(args[:2])} {why}; log: {log_path}; run the same command again to resume")
 
 
 def export_hf(checkpoint: Path, out: Path, log_path: Path, threads: int) -> Path:

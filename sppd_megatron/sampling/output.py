@@ -29,7 +29,11 @@ def write_manifest(output_dir: str | Path, config: dict[str, Any], extra: dict[s
     """Write the manifest atomically; on a resumed run, refuse a config that would change the trees."""
     path = Path(output_dir) / MANIFEST
     if path.exists():
-        old = json.loads(path.read_text()).get("config", {})
+        try:
+            old = json.loads(path.read_text()).get("config", {})
+        except (ValueError, AttributeError):
+            raise ConfigError(f"{path}: damaged (not the JSON object sampling writes); move it away to sample "
+                              "this directory again") from None
         changed = sorted(k for k in set(old) | set(config)
                          if k not in RESUME_FREE_KEYS and old.get(k) != config.get(k))
         if changed:
@@ -51,7 +55,7 @@ class ShardedTreeWriter:
         self._open: dict[int, JsonlAppender] = {}
         self.done: set[str] = set()
         for path in sorted(self.output_dir.glob("trees-*.jsonl")):
-            with JsonlAppender(path) as appender:  # opening cuts a half-written last line
+            with JsonlAppender(path, Tree) as appender:  # opening cuts a half-written last line
                 self.done |= appender.done_keys
 
     def write(self, question_index: int, tree: Tree) -> None:
@@ -62,7 +66,7 @@ class ShardedTreeWriter:
             # Shards fill in order: an earlier shard cannot receive more trees once a later one opens.
             for old in [s for s in self._open if s < shard]:
                 self._open.pop(old).close()
-            self._open[shard] = JsonlAppender(shard_path(self.output_dir, shard))
+            self._open[shard] = JsonlAppender(shard_path(self.output_dir, shard), Tree, fault_point="sample.tree")
         self._open[shard].append(tree)
         self.done.add(tree.id)
 

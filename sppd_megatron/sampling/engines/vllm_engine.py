@@ -154,11 +154,12 @@ class VLLMEngine:
 
     def __init__(self, model_path: str, tokenizer_path: str | None = None, tp_size: int = 1,
                  mem_fraction: float = 0.85, dtype: str = "auto", extra: dict[str, Any] | None = None,
-                 backend: Callable[..., VLLMGenerator] = vllm_generator):
+                 backend: Callable[..., VLLMGenerator] = vllm_generator, request_timeout_s: float | None = None):
         self._kwargs = dict(model=model_path, tokenizer=tokenizer_path or model_path, enable_prefix_caching=True,
                             tensor_parallel_size=tp_size, gpu_memory_utilization=mem_fraction, dtype=dtype,
                             logprobs_mode="raw_logprobs", **(extra or {}))
         self._backend = backend
+        self.request_timeout_s = request_timeout_s
         self.process: multiprocessing.process.BaseProcess | None = None
         self._start()
 
@@ -175,7 +176,7 @@ class VLLMEngine:
         self._finalizer = Finalize(self, _stop, args=(self.process, conn), exitpriority=10)
         try:
             self._receive()  # "ready", or why the LLM could not be built
-        except RuntimeError:
+        except (RuntimeError, TimeoutError):
             self.close()
             raise
 
@@ -185,6 +186,11 @@ class VLLMEngine:
         return RuntimeError(f"the vLLM child process died (exit status {process.exitcode}); its output went to this process's stderr")
 
     def _receive(self) -> Any:
+        if self.request_timeout_s is not None and not self._conn.poll(self.request_timeout_s):
+            self.process.kill()  # hung: asking it to stop would wait for the request it is stuck in
+            self.close()
+            raise TimeoutError(f"the vLLM child process did not answer within engine.request_timeout_s="
+                               f"{self.request_timeout_s:g} s")
         try:
             status, payload = self._conn.recv()
         except (EOFError, OSError):  # EOF, or a reset when the child died with our request unread
