@@ -125,7 +125,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 def _build(cls: type[T], data: dict, where: str) -> T:
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted((_short(k) for k in set(data) - set(fields)), key=str)
+    unknown = sorted(str(k)[:60] for k in set(data) - set(fields))
     if unknown:
         raise ConfigError(
             f"{where or cls.__name__}: unknown key(s) {unknown} for {cls.__name__}; valid keys: {sorted(fields)}"

@@ -30,7 +30,7 @@ from sppd_megatron.config import RunStopped
 
 LOCK_FILE = ".sppd-lock"
 
-_held: dict[Path, list] = {}  # directory -> [fd, depth]
+_held: dict[Path, list] = {}  # directory -> [fd, depth, whether acquire created it]
 
 
 class LockHeld(RunStopped):
@@ -102,6 +102,7 @@ def acquire(directory: str | os.PathLike) -> Path:
     if directory in _held:
         _held[directory][1] += 1
         return directory
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_FILE
     fd, previous = _lock_fd(path)
@@ -114,12 +115,13 @@ def acquire(directory: str | os.PathLike) -> Path:
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, json.dumps(me).encode())
     os.fsync(fd)
-    _held[directory] = [fd, 1]
+    _held[directory] = [fd, 1, created]
     return directory
 
 
 def release(directory: str | os.PathLike) -> None:
-    """Give the lock back (the outermost release deletes the lock file)."""
+    """Give the lock back (the outermost release deletes the lock file, and the directory if acquiring
+    made it and the command wrote nothing there: a command refused early leaves no trace)."""
     directory = Path(directory).resolve()
     entry = _held.get(directory)
     if entry is None:
@@ -133,6 +135,11 @@ def release(directory: str | os.PathLike) -> None:
     except FileNotFoundError:
         pass
     os.close(entry[0])
+    if entry[2]:
+        try:
+            directory.rmdir()
+        except OSError:  # not empty: the command wrote its outputs
+            pass
 
 
 @contextmanager

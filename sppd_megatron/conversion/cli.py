@@ -1,7 +1,8 @@
 """``sppd-megatron convert hf-to-mcore|mcore-to-hf``: checkpoint conversion between HF and Megatron.
 
 Wrong inputs (no config.json, an unsupported architecture, a TP size that does not divide the heads,
-a checkpoint of a different model) end as one line, ``error: ... <what to do>``, and exit status 2.
+a checkpoint of a different model) end as one line, ``sppd-megatron convert: error: ... <what to do>``, and
+exit status 2.
 """
 
 from __future__ import annotations

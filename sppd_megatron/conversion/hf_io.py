@@ -99,7 +99,7 @@ def check_hf_weights(hf_dir: str | Path, model_cfg: ModelConfig) -> None:
             if got != shape:
                 raise ConversionError(
                     f"{reader.dir / reader.weight_map[name]}: {name} has shape {got}, config.json implies {shape}; "
-                    "the weights do not match config.json")
+                    "the weights come from a different model than config.json")
 
 
 class HFTensorReader:

@@ -1,4 +1,6 @@
-"""Shared fixtures: a tiny policy that has memorised a few demo problems, so the loop has signal.
+"""Shared fixtures: a tiny policy that has memorised a few demo problems, so the loop has signal, and
+one uninterrupted ``sppd-megatron run`` of configs/tiny-cpu/run.yaml with it (tests/pipeline checks
+it, tests/faults kills and resumes copies of it against it).
 
 A random tiny model never reaches a correct answer, which leaves every preference dataset empty;
 this one, fitted in plain torch for a few seconds, answers its problems mostly right at
@@ -60,3 +62,14 @@ def demo_data(tmp_path_factory) -> dict[str, Path]:
     prompts = root / "prompts.jsonl"
     write_jsonl(prompts, [p.to_prompt("test") for p in problems])
     return {"policy": fit_policy(root / "policy", problems), "prompts": prompts, "root": root}
+
+
+@pytest.fixture(scope="session")
+def pipeline_reference(demo_data, tmp_path_factory) -> Path:
+    """The run directory of one uninterrupted run of the tiny loop (see pipeline_run.command)."""
+    from pipeline_run import command, run
+
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    proc = run(command(demo_data, run_dir))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return run_dir
