@@ -269,5 +269,7 @@ def report_error(prog: str, exc: BaseException) -> int:
     """Print a user error (:data:`USER_ERRORS`) as one line on stderr; the exit code is 2."""
     import sys
 
-    print(f"{prog}: error: {error_line(exc)}", file=sys.stderr, flush=True)
+    # One write: ranks of a job share the terminal, and a pipe keeps a write this short whole.
+    sys.stderr.write(f"{prog}: error: {error_line(exc)}\n")
+    sys.stderr.flush()
     return 2

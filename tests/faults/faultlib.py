@@ -24,3 +24,22 @@ def tree_digest(root: Path, pattern: str = "*") -> dict[str, str]:
     """sha256 of each file under ``root`` matching ``pattern`` (relative path -> digest)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob(pattern)) if p.is_file()}
+
+
+def run_in_one_process(cases: list[dict], tmp: Path, timeout: float = 900) -> list[dict]:
+    """Each ``{"verb", "argv", "fault"}`` case through ``tests/faults/cli_worker.py``, all in one process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    worker = Path(__file__).with_name("cli_worker.py")
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "cases.json").write_text(json.dumps(cases))
+    env = {**{k: v for k, v in os.environ.items() if k != "SPPD_FAULT"}, "PYTHONWARNINGS": "ignore",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(worker), str(tmp / "cases.json"), str(tmp / "results.json")],
+                          cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((tmp / "results.json").read_text())
