@@ -25,13 +25,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sppd_megatron.config import RunStopped
+from sppd_megatron.sampling.config import RETRY_KEYS
 
 MANIFEST = "manifest.json"
 LARGE_FILE_BYTES = 64 * 1024 * 1024
 """Files above this size are fingerprinted by size + first and last MiB, not read whole (checkpoints)."""
 _EDGE_BYTES = 1024 * 1024
-DISPLAY_ONLY_KEYS = frozenset({"progress"})
-"""Config keys that never change a stage's outputs: toggling them does not count as a different config."""
+DISPLAY_ONLY_KEYS = frozenset({"progress", *RETRY_KEYS})
+"""Config keys that never change a stage's outputs (progress bars, a rollout engine's retries): changing
+them does not count as a different config."""
 
 
 class StageConflict(RunStopped):

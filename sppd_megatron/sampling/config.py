@@ -22,6 +22,10 @@ ENGINE_OWNED_ARGS = {
 }
 
 
+RETRY_KEYS = ("max_retries", "request_timeout_s", "retry_backoff_s")
+"""EngineConfig keys that decide how failures are retried, never what is generated (free to change on resume)."""
+
+
 @dataclass
 class EngineConfig:
     """Which rollout engine runs the expansions, and its knobs."""

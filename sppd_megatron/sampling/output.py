@@ -15,6 +15,7 @@ from typing import Any
 
 from sppd_megatron.config import ConfigError
 from sppd_megatron.records import SCHEMA_VERSION, JsonlAppender, Tree
+from sppd_megatron.sampling.config import RETRY_KEYS
 
 MANIFEST = "sample_manifest.json"
 # Config keys that may change between a run and its resumption without changing any tree.
@@ -35,7 +36,7 @@ def write_manifest(output_dir: str | Path, config: dict[str, Any], extra: dict[s
             raise ConfigError(f"{path}: damaged (not the JSON object sampling writes); move it away to sample "
                               "this directory again") from None
         changed = sorted(k for k in set(old) | set(config)
-                         if k not in RESUME_FREE_KEYS and old.get(k) != config.get(k))
+                         if k not in RESUME_FREE_KEYS and _trees_part(k, old.get(k)) != _trees_part(k, config.get(k)))
         if changed:
             raise ConfigError(f"{path}: this directory was sampled with a different config (keys {changed}); "
                               "use a new output_dir or the original settings to resume")
@@ -44,6 +45,13 @@ def write_manifest(output_dir: str | Path, config: dict[str, Any], extra: dict[s
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def _trees_part(key: str, value: Any) -> Any:
+    """What of a config entry decides the trees (an engine's retry settings do not)."""
+    if key == "engine" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k not in RETRY_KEYS}
+    return value
 
 
 class ShardedTreeWriter:
