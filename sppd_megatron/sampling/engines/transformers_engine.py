@@ -49,12 +49,14 @@ def load_hf_causal_lm(path: str, torch_dtype):
     model config.json describes: no tensor missing or of another shape is silently initialised at
     random, and no code shipped with the files runs (``trust_remote_code`` stays off)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from sppd_megatron.conversion.errors import ConversionError
     from sppd_megatron.conversion.hf_io import check_hf_weights, read_hf_config
 
     _, model_cfg = read_hf_config(path)  # Llama / Qwen2 (what this project trains and converts)
     check_hf_weights(path, model_cfg)
+    hf_logging.disable_progress_bar()  # the stages show their own progress; this one would interleave with it
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True,
                                                            trust_remote_code=False, output_loading_info=True)
