@@ -1,6 +1,6 @@
 """Fault injection: one way to make any stage fail at a named point, for tests and failure drills.
 
-    SPPD_FAULT=<point>[@<rank>][:<n>[:<action>]][,<more>...]
+    SPPD_FAULT=<point>[[<label>]][@<rank>][:<n>[:<action>]][,<more>...]
 
 The n-th time (default 1) this process reaches ``<point>``, ``<action>`` (default ``kill``) happens:
 
@@ -13,14 +13,18 @@ The n-th time (default 1) this process reaches ``<point>``, ``<action>`` (defaul
 - ``nan``: only at ``train.grad``: one gradient element of this rank becomes NaN (a bad rank).
 
 ``@<rank>`` restricts the fault to one torch.distributed rank (``RANK`` of torchrun); without it
-every rank counts and fails. Counting is per process, so a pipeline's training children each count
-from zero. Every point is listed in :data:`POINTS` with where it sits; docs/faults.md has the table.
+every rank counts and fails. ``[<label>]`` restricts it to processes that set that label (a trainer
+sets its stage: ``sft``, ``dpo``, ``step_dpo``, ``svpo``), so ``train.step[dpo]:2`` kills only a DPO
+trainer, e.g. the DPO-PRM child of a pipeline. Counting is per process, so a pipeline's training
+children each count from zero. Every point is listed in :data:`POINTS` with where it sits;
+docs/faults.md has the table.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -55,6 +59,10 @@ class Fault:
     n: int
     action: str
     rank: int | None
+    label: str | None = None
+
+
+_WHERE = re.compile(r"^(?P<point>[a-z_.]+)(\[(?P<label>[\w-]+)\])?(@(?P<rank>\d+))?$")
 
 
 def parse(spec: str) -> list[Fault]:
@@ -62,27 +70,34 @@ def parse(spec: str) -> list[Fault]:
     faults = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
         parts = item.split(":")
-        if len(parts) > 3:
-            raise FaultSpecError(f"{ENV}={spec!r}: {item!r} is not <point>[@<rank>][:<n>[:<action>]]")
-        point, _, rank = parts[0].partition("@")
+        where = _WHERE.match(parts[0])
+        if len(parts) > 3 or where is None:
+            raise FaultSpecError(f"{ENV}={spec!r}: {item!r} is not <point>[[<label>]][@<rank>][:<n>[:<action>]]")
+        point = where["point"]
         if point not in POINTS:
             raise FaultSpecError(f"{ENV}={spec!r}: unknown point {point!r}; points: {', '.join(POINTS)}")
         try:
             n = int(parts[1]) if len(parts) > 1 else 1
-            rank_number = int(rank) if rank else None
         except ValueError:
-            raise FaultSpecError(f"{ENV}={spec!r}: the count and rank of {item!r} must be integers") from None
+            raise FaultSpecError(f"{ENV}={spec!r}: the count of {item!r} must be an integer") from None
         action = parts[2] if len(parts) > 2 else "kill"
         if action not in ACTIONS or n < 1:
             raise FaultSpecError(f"{ENV}={spec!r}: {item!r} needs a count >= 1 and an action in {ACTIONS}")
         if action == "nan" and point != "train.grad":
             raise FaultSpecError(f"{ENV}={spec!r}: action nan exists only at train.grad")
-        faults.append(Fault(point, n, action, rank_number))
+        faults.append(Fault(point, n, action, int(where["rank"]) if where["rank"] else None, where["label"]))
     return faults
 
 
 _counts: dict[str, int] = {}
 _parsed: tuple[str, list[Fault]] | None = None
+_label: str | None = None
+
+
+def set_label(label: str | None) -> None:
+    """Name this process for ``[<label>]`` faults (the trainer: its stage)."""
+    global _label
+    _label = label
 
 
 def _armed() -> list[Fault]:
@@ -107,7 +122,7 @@ def hit(point: str, path: str | os.PathLike | None = None) -> str | None:
         return None
     if point not in POINTS:
         raise FaultSpecError(f"fault point {point!r} is not in faults.POINTS")
-    faults = [f for f in _armed() if f.point == point and f.rank in (None, _rank())]
+    faults = [f for f in _armed() if f.point == point and f.rank in (None, _rank()) and f.label in (None, _label)]
     if not faults:
         return None
     _counts[point] = count = _counts.get(point, 0) + 1

@@ -53,6 +53,7 @@ def train(cfg: TrainConfig) -> dict:
     from megatron.core.distributed import finalize_model_grads
 
     out_dir = Path(cfg.output_dir)
+    faults.set_label(cfg.stage)
     pstate.initialize(cfg.parallel, seed=cfg.schedule.seed)
     model_cfg, tokenizer_spec = resolve_model_and_tokenizer(cfg)
     model_cfg.check_parallel(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)

@@ -38,8 +38,9 @@ def test_spec_errors_name_the_problem():
         faults.parse("train.step:1:explode")
     with pytest.raises(faults.FaultSpecError, match="only at train.grad"):
         faults.parse("train.step:1:nan")
-    assert faults.parse("train.grad@1:2:nan, ckpt.model") == [
-        faults.Fault("train.grad", 2, "nan", 1), faults.Fault("ckpt.model", 1, "kill", None)]
+    assert faults.parse("train.grad@1:2:nan, ckpt.model, train.step[dpo]:3") == [
+        faults.Fault("train.grad", 2, "nan", 1), faults.Fault("ckpt.model", 1, "kill", None),
+        faults.Fault("train.step", 3, "kill", None, "dpo")]
 
 
 def test_the_nth_hit_fails_with_the_path_and_rank_filters(fault_env, monkeypatch, tally):
@@ -54,6 +55,18 @@ def test_the_nth_hit_fails_with_the_path_and_rank_filters(fault_env, monkeypatch
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(PermissionError, match="Permission denied"):
         faults.hit("score.tree", "t.jsonl")
+
+
+def test_a_label_picks_the_process(fault_env):
+    fault_env("train.metrics[dpo]:1:enospc")
+    faults.set_label("sft")
+    try:
+        assert faults.hit("train.metrics", "m") is None
+        faults.set_label("dpo")
+        with pytest.raises(OSError):
+            faults.hit("train.metrics", "m")
+    finally:
+        faults.set_label(None)
 
 
 def test_every_point_is_documented_and_used_by_the_suite():
