@@ -36,6 +36,8 @@ records and files (ValueError and its kinds), unreadable or unwritable paths and
 
 MAX_CONFIG_BYTES = 1 << 20
 """A config file larger than this is refused before parsing (no recipe comes near it)."""
+MAX_ERROR_CHARS = 2000
+"""An error line longer than this keeps its start and end (a huge value quoted in it is cut)."""
 INT_LIMIT = 2**63
 """Integers in configs must fit in 64 bits (every count and size is handed to torch or numpy)."""
 
@@ -262,7 +264,10 @@ def error_line(exc: BaseException) -> str:
             text += " (what was finished is kept: free some space and run the same command again to resume)"
     else:
         text = str(exc) or type(exc).__name__
-    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+    line = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    if len(line) > MAX_ERROR_CHARS:  # a 10 MB value quoted in a message stays readable
+        line = f"{line[:MAX_ERROR_CHARS // 2]} ...({len(line) - MAX_ERROR_CHARS} characters)... {line[-MAX_ERROR_CHARS // 2:]}"
+    return line
 
 
 def report_error(prog: str, exc: BaseException) -> int:

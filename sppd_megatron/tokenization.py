@@ -46,6 +46,22 @@ def build_char_tokenizer():
     return tok
 
 
+def _check_json(file: Path) -> None:
+    """TokenizerError naming ``file`` (and line) unless it is absent or a JSON object."""
+    import json
+
+    if not file.is_file():
+        return
+    try:
+        data = json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise TokenizerError(f"{file}: not UTF-8 text (byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise TokenizerError(f"{file}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{file}: not a JSON object")
+
+
 def load_tokenizer(spec: str | Path):
     """``builtin:char`` or a directory with Hugging Face tokenizer files (no download is attempted)."""
     if str(spec) == CHAR_TOKENIZER_SPEC:
@@ -59,6 +75,8 @@ def load_tokenizer(spec: str | Path):
         raise FileNotFoundError(
             f"tokenizer {spec!r}: not '{CHAR_TOKENIZER_SPEC}' and not a directory with tokenizer files"
         )
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        _check_json(path / name)
     cfg_path = path / "tokenizer_config.json"
     cls = None
     if cfg_path.is_file():

@@ -82,8 +82,11 @@ def verify_dist_checkpoint(ckpt_dir: str | Path) -> None:
         raise ConversionError(f"{ckpt_dir}: no metadata.json; not a complete dist checkpoint (interrupted save?)") from None
     except (ValueError, OSError) as exc:
         raise ConversionError(f"{meta_json}: unreadable ({exc})") from None
-    if not isinstance(config, dict) or config.get("sharded_backend") != "torch_dist":
-        raise ConversionError(f"{meta_json}: not a torch_dist dist checkpoint's metadata")
+    expected = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
+    if not isinstance(config, dict) or any(config.get(k) != v for k, v in expected.items()) or any(
+            not isinstance(config.get(k, "torch"), str) for k in ("common_backend",)) or any(
+            not isinstance(config.get(k, 1), int) for k in ("common_backend_version",)):
+        raise ConversionError(f"{meta_json}: not the metadata of a torch_dist (version 1) dist checkpoint")
     metadata = read_metadata(ckpt_dir)
     storage = metadata.storage_data if isinstance(metadata.storage_data, dict) else {}
     for index, info in storage.items():

@@ -101,6 +101,12 @@ def read_checkpoint_meta(ckpt_dir: str | Path) -> dict[str, Any]:
             f"{path}: format_version {meta.get('format_version')!r} is not {FORMAT_VERSION}; "
             "re-convert the checkpoint with this version of sppd-megatron"
         )
+    kinds = {"model": dict, "tokenizer": (str, type(None)), "source": str, "dtype": str,
+             "hf_config": (dict, type(None)), "suggested_parallel": dict}
+    wrong = [k for k, kind in kinds.items() if k in meta and not isinstance(meta[k], kind)]
+    if wrong or meta.get("dtype", "fp32") not in ("fp32", "bf16"):
+        raise ConversionError(f"{path}: wrong type or value of {wrong or ['dtype']}; the checkpoint's description is "
+                              "damaged")
     if not (ckpt / MODEL_SUBDIR / "metadata.json").is_file():
         raise ConversionError(f"{ckpt}: {MODEL_SUBDIR}/ holds no complete dist checkpoint (interrupted save?)")
     return meta
@@ -216,10 +222,15 @@ def load_dist_checkpoint(load, sharded, directory: str | Path, **kwargs):
     verify_dist_checkpoint(directory)
     try:
         return load(sharded, str(directory), **kwargs)
-    except ConversionError:
+    except (ConversionError, KeyboardInterrupt, SystemExit):
         raise
-    except Exception as exc:  # a damaged checkpoint fails deep in torch/megatron with any exception type
-        first = " ".join(str(exc).split())[:300] or type(exc).__name__
+    except BaseException as exc:  # a damaged checkpoint fails deep in torch/megatron with any exception type
+        # (torch.distributed.checkpoint's CheckpointException derives from BaseException, and its message
+        # holds each rank's traceback: its last line is what went wrong)
+        text = str(exc).strip()
+        if "Traceback" in text:
+            text = text.splitlines()[-1]
+        first = " ".join(text.split())[:300] or type(exc).__name__
         raise ConversionError(f"{directory}: cannot load this dist checkpoint ({type(exc).__name__}: {first})") from None
 
 

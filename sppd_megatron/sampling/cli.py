@@ -38,10 +38,11 @@ def _sample(cfg: SampleConfig) -> dict:
     from sppd_megatron.tokenization import load_tokenizer
 
     prompts = load_prompts(cfg.input, cfg.fields, cfg.num_questions)
-    write_manifest(cfg.output_dir, config_to_dict(cfg), {"num_questions": len(prompts)})
     tokenizer_spec = resolve_tokenizer_spec(cfg)
     tokenizer = load_tokenizer(tokenizer_spec)
     template = resolve_template(cfg.template, tokenizer)
+    # Only once the inputs are read: a typo fixed in the next command is not "a different config".
+    write_manifest(cfg.output_dir, config_to_dict(cfg), {"num_questions": len(prompts)})
 
     writer = ShardedTreeWriter(cfg.output_dir, cfg.shard_size)
     skipped = sum(p.id in writer.done for p in prompts)

@@ -9,6 +9,7 @@ question into the exact text the policy is conditioned on, using a recorded Prom
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,12 +48,16 @@ def _row_to_prompt(row: dict, fields: PromptFields, source: str, row_index: int)
         raise RecordError(f"no gold answer field (looked for {fields.answer or 'gold_answer/answer'})")
     gold = row[a_field]
     if isinstance(gold, (int, float)) and not isinstance(gold, bool):
+        if not math.isfinite(gold):
+            raise RecordError(f"field '{a_field}' is {gold} (NaN/inf is no answer)")
         gold = str(gold)
     if not isinstance(gold, str):
         raise RecordError(f"field '{a_field}' must be a string, got {type(gold).__name__}")
     if a_field == "answer" and "####" in gold:  # GSM8K: worked solution, then "#### N"
         gold = _gsm8k_gold(gold)
     qid = row[id_field] if id_field and id_field in row else f"{source}-{row_index:05d}"
+    if not isinstance(qid, (str, int)) or isinstance(qid, bool):
+        raise RecordError(f"field '{id_field}' must be a string or an integer, got {type(qid).__name__}")
     # Our own Prompt records carry their source; benchmark rows get "<benchmark-split>:<row>".
     own_source = row.get("source") if "gold_answer" in row else None
     prompt = Prompt(id=str(qid), question=row[q_field], gold_answer=gold,
@@ -74,7 +79,7 @@ def load_prompts(path: str | Path, fields: PromptFields | None = None, limit: in
     out: list[Prompt] = []
     seen: dict[str, int] = {}
     try:
-        fh = path.open("r", encoding="utf-8")
+        fh = path.open("rb")
     except OSError as exc:
         raise RecordError(f"cannot open prompts ({exc.strerror})", path) from None
     with fh:
@@ -84,9 +89,13 @@ def load_prompts(path: str | Path, fields: PromptFields | None = None, limit: in
             if limit is not None and len(out) >= limit:
                 break
             try:
-                row = json.loads(line)
+                row = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise RecordError(f"not UTF-8 text (byte {exc.start} of the line)", path, lineno) from None
             except json.JSONDecodeError as exc:
                 raise RecordError(f"malformed JSON ({exc.msg} at column {exc.colno})", path, lineno) from None
+            except RecursionError:
+                raise RecordError("malformed JSON (nested too deeply)", path, lineno) from None
             if not isinstance(row, dict):
                 raise RecordError("expected a JSON object", path, lineno)
             try:
@@ -97,6 +106,8 @@ def load_prompts(path: str | Path, fields: PromptFields | None = None, limit: in
                 raise RecordError(f"duplicate id {prompt.id!r} (first on line {seen[prompt.id]})", path, lineno)
             seen[prompt.id] = lineno
             out.append(prompt)
+    if not out:
+        raise RecordError("no prompts in this file", path)
     return out
 
 

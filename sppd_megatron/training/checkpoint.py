@@ -51,7 +51,10 @@ def latest_step(root: Path) -> int | None:
         raise ConversionError(f"{marker}: holds {text!r}, not a step number; write the newest complete "
                               "iteration's number into it (or delete it to start again)")
     step = int(text)
-    return step if (iter_dir(root, step) / STATE_FILE).is_file() else None
+    if not (iter_dir(root, step) / STATE_FILE).is_file():  # `latest` moves only after the state file is there
+        raise ConversionError(f"{marker}: points at iteration {step}, which has no {STATE_FILE}; write the newest "
+                              "complete iteration's number into it (or delete it to start again)")
+    return step
 
 
 def save(root: Path, step: int, model, optimizer, model_cfg: ModelConfig, tokenizer_spec: str,

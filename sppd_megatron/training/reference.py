@@ -120,6 +120,8 @@ def _read_reference_file(path: Path, fingerprint: str, count: int) -> list[list[
     for i, raw in enumerate(lines[1:], 2):
         try:
             row = json.loads(raw.decode("utf-8"))
+            if set(row) != {"index", "where", "ref_logps"} or row["index"] != i - 2 or not isinstance(row["where"], str):
+                raise KeyError
             v = row["ref_logps"]
             ok = isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
                                                               and math.isfinite(x) for x in v)

@@ -42,6 +42,7 @@ PREFERENCE_STAGES = ("dpo", "step_dpo", "svpo")
 def config_fingerprint(cfg: TrainConfig) -> str:
     d = config_to_dict(cfg)
     d.pop("parallel", None)  # a run may resume on another layout
+    d.pop("output_dir", None)  # or from a directory that was moved
     d.pop("logging", None)
     d.pop("on_nonfinite", None)  # a run stopped by a NaN may resume with skip
     d["checkpoint"] = {k: v for k, v in d["checkpoint"].items() if k not in ("save_interval", "keep_last")}

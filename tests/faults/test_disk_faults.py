@@ -149,3 +149,37 @@ def test_export_under_a_full_disk(demo_data, tmp_path, capsys, arm, tally):
     assert convert([*args, "--out", str(out)]) == 0
     assert tree_digest(out, "*.safetensors") == tree_digest(reference, "*.safetensors")
     tally.fault("export", "export.shard (enospc)", "recovered")
+
+
+def test_hf_prm_scoring_killed_resumes_to_the_same_trees(reference_dirs, tmp_path, capsys, tally):
+    """``score`` with a (tiny, value-head) HF PRM, SIGKILLed before its 3rd scored tree, run again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import save_file
+
+    from sppd_megatron.models.tiny import save_tiny_hf_checkpoint
+    from sppd_megatron.scoring.cli import main as score
+
+    prm = save_tiny_hf_checkpoint(tmp_path / "prm", family="llama", seed=2)
+    torch.manual_seed(0)
+    save_file({"v_head.summary.weight": torch.randn(1, 64) * 0.1}, str(Path(prm) / "value_head.safetensors"))
+
+    def args(out: Path) -> list[str]:
+        return [*_score_args(reference_dirs["trees"], out), "scorers=[tree, hf]", f"hf.path={prm}", "hf.device=cpu"]
+
+    assert score(args(tmp_path / "reference")) == 0
+    out = tmp_path / "scored"
+    proc = subprocess.run([sys.executable, "-m", "sppd_megatron", "score", *args(out)], cwd=ROOT,
+                          env={**os.environ, faults.ENV: "score.tree:3", "PYTHONWARNINGS": "ignore"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert len(list(read_jsonl(out / "trees-00000.jsonl", Tree))) == 2
+    assert score(args(out)) == 0
+    capsys.readouterr()
+    assert tree_digest(out, "trees-*.jsonl") == tree_digest(tmp_path / "reference", "trees-*.jsonl")
+    assert all("hf" in n.values for t in read_jsonl(out / "trees-00000.jsonl", Tree) for n in t.nodes[1:])
+    tally.fault("score[hf]", "score.tree", "recovered")
