@@ -3,11 +3,11 @@
 torch.distributed.checkpoint (the ``torch_dist`` format megatron-core writes) keeps its metadata
 (``.metadata``) as a plain pickle and reads it with ``pickle.load``, and reads non-tensor items
 (``BytesStorageMetadata``: TransformerEngine extra state, optimizer objects) with
-``torch.load(weights_only=False)``. A crafted checkpoint could run anything at load. So before
+``torch.load`` with ``weights_only=False``. A crafted checkpoint could run anything at load. So before
 megatron or torch read a directory, :func:`verify_dist_checkpoint` unpickles ``.metadata`` with an
 unpickler that only builds the classes that format defines (the ``torch.distributed.checkpoint``
 metadata dataclasses, ``torch.Size``, torch dtypes, ``pathlib`` paths), and loads every bytes item
-and ``common.pt`` with ``torch.load(weights_only=True)``. What passes holds nothing but data, so the
+and ``common.pt`` with ``torch.load`` and ``weights_only=True``. What passes holds nothing but data, so the
 libraries' own loads of the same bytes build the same data. Tensors themselves are always read
 with ``weights_only=True`` by torch.
 """
