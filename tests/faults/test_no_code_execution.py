@@ -66,7 +66,6 @@ def test_a_forged_dist_checkpoint_is_refused_unread(mcore_checkpoint, target, tm
 
 def test_model_and_tokenizer_code_shipped_in_a_directory_never_runs(tmp_path, capsys, tally):
     from sppd_megatron.models.tiny import save_tiny_hf_checkpoint
-    from sppd_megatron.sampling.cli import main as sample
 
     marker = tmp_path / "ran"
     evil = f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
@@ -78,16 +77,8 @@ def test_model_and_tokenizer_code_shipped_in_a_directory_never_runs(tmp_path, ca
     config.update(architectures=["EvilForCausalLM"], auto_map={"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})
     (model / "config.json").write_text(json.dumps(config))
     (model / "modeling_evil.py").write_text(evil)
-    outcomes = []
-    rc = sample([str(ROOT / "configs/tiny-cpu/sample.yaml"), f"input={prompts}", f"model={model}",
-                 "tokenizer=builtin:char", f"output_dir={tmp_path / 'a'}", "progress=false", "num_questions=1", "K=1"])
-    # Its weights are read as the Llama its model_type says (trust_remote_code stays off), or it is refused.
-    err = capsys.readouterr().err
-    if rc != 0:
-        assert rc == 2
-        clean_error(err, "sppd-megatron sample", str(model))
-    assert not marker.exists()
-    outcomes.append("clean error" if rc else "recovered")
+    outcomes = [_no_code_ran(capsys, marker, model, f"model={model}", "tokenizer=builtin:char",
+                             f"output_dir={tmp_path / 'a'}")]
 
     tokenizer = tmp_path / "tokenizer"
     shutil.copytree(model, tokenizer)
@@ -95,17 +86,25 @@ def test_model_and_tokenizer_code_shipped_in_a_directory_never_runs(tmp_path, ca
     cfg.update(tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]})
     (tokenizer / "tokenizer_config.json").write_text(json.dumps(cfg))
     (tokenizer / "tokenization_evil.py").write_text(evil)
-    rc = sample([str(ROOT / "configs/tiny-cpu/sample.yaml"), f"input={prompts}", f"tokenizer={tokenizer}",
-                 f"output_dir={tmp_path / 'b'}", "progress=false", "num_questions=1", "K=1"])
-    # transformers reads the tokenizer's data (tokenizer.json) and leaves its code alone, or refuses it.
+    outcomes.append(_no_code_ran(capsys, marker, tokenizer, f"tokenizer={tokenizer}", f"output_dir={tmp_path / 'b'}"))
+    for outcome in outcomes:
+        tally.corruption("forged model and tokenizer directories", outcome)
+
+
+def _no_code_ran(capsys, marker: Path, directory: Path, *overrides: str) -> str:
+    """``sample`` on a directory shipping code: its data is read as data (trust_remote_code stays off: a
+    Llama by model_type, a tokenizer by tokenizer.json), or it is refused in one line; the code never runs."""
+    from sppd_megatron.sampling.cli import main as sample
+
+    prompts = marker.parent / "prompts.jsonl"
+    rc = sample([str(ROOT / "configs/tiny-cpu/sample.yaml"), f"input={prompts}", *overrides, "progress=false",
+                 "num_questions=1", "K=1"])
     err = capsys.readouterr().err
     if rc != 0:
         assert rc == 2
-        clean_error(err, "sppd-megatron sample", str(tokenizer))
+        clean_error(err, "sppd-megatron sample", str(directory))
     assert not marker.exists()
-    outcomes.append("clean error" if rc else "recovered")
-    for outcome in outcomes:
-        tally.corruption("forged model and tokenizer directories", outcome)
+    return "clean error" if rc else "recovered"
 
 
 def test_a_yaml_tag_builds_nothing(tmp_path, capsys, tally):
