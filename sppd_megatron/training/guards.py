@@ -23,12 +23,15 @@ class NonFiniteStep(RunStopped):
     """A training step met a NaN or an infinity (and ``on_nonfinite`` is ``stop``, or it is in the weights)."""
 
 
-def _world_any(flag: bool) -> bool:
+def _world_any(flag: torch.Tensor | bool) -> bool:
+    """Whether ``flag`` (a bool or a 0-d tensor, on any device) is true on any rank: one all-reduce, one sync."""
+    if isinstance(flag, bool):
+        flag = torch.tensor(flag)
     if not torch.distributed.is_initialized():
-        return flag
+        return bool(flag)
     from sppd_megatron.parallel.state import communication_device
 
-    t = torch.tensor([1.0 if flag else 0.0], device=communication_device())
+    t = flag.reshape(1).to(device=communication_device(), dtype=torch.float32)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())
 
@@ -77,16 +80,25 @@ def _local_quantity(model, reports: list[dict]) -> str | None:
 
 def nonfinite_quantity(ddp_model, reports: list[dict]) -> str | None:
     """None when the step's loss and gradients are finite on every rank; else (on every rank) the
-    first non-finite quantity of the lowest rank that has one. Collective: every rank calls it."""
-    bad = any("loss" in r and _bad(r["loss"][0]) for r in reports)
-    for buffer in list(getattr(ddp_model, "buffers", [])) + list(getattr(ddp_model, "expert_parallel_buffers", [])):
-        bad = bad or _bad(buffer.grad_data)
-    if not getattr(ddp_model, "buffers", None):  # not Megatron DDP: look at the parameters themselves
-        bad = bad or any(p.grad is not None and _bad(p.grad) for _, p in _params(ddp_model))
+    first non-finite quantity of the lowest rank that has one. Collective: every rank calls it.
+
+    The fast path keeps the flags on the device and synchronises once per step (not per micro-batch).
+    """
+    losses = [r["loss"][0] for r in reports if "loss" in r]  # the last pipeline stage has them
+    checks = [torch.stack(losses).float()] if losses else []
+    # Megatron DDP keeps its gradient buffers in these lists (on a plain module ``buffers`` is a method).
+    buffers = [b for name in ("buffers", "expert_parallel_buffers")
+               if isinstance(getattr(ddp_model, name, None), list) for b in getattr(ddp_model, name)]
+    checks += [b.grad_data for b in buffers]
+    if not buffers:  # not Megatron DDP: look at the parameters themselves
+        checks += [p.grad for _, p in _params(ddp_model) if p.grad is not None]
+    flags = [(~torch.isfinite(t)).any() for t in checks if t.numel()]
+    bad = torch.stack([f.to(flags[0].device) for f in flags]).any() if flags else torch.tensor(False)
     if not _world_any(bad):
         return None
     # Rare path: say which quantity it was (the fast check above only knows that something was).
-    return _first_of_all_ranks(_local_quantity(ddp_model, reports) if bad else None) or "a non-finite value"
+    local = _local_quantity(ddp_model, reports) if bool(bad) else None
+    return _first_of_all_ranks(local) or "a non-finite value"
 
 
 def poison_gradient(ddp_model) -> None:
