@@ -175,7 +175,7 @@ class VLLMEngine:
         # At interpreter exit this runs before multiprocessing joins its children (which would wait forever).
         self._finalizer = Finalize(self, _stop, args=(self.process, conn), exitpriority=10)
         try:
-            self._receive()  # "ready", or why the LLM could not be built
+            self._receive(timeout=None)  # "ready", or why the LLM could not be built (loading may take long)
         except (RuntimeError, TimeoutError):
             self.close()
             raise
@@ -185,12 +185,11 @@ class VLLMEngine:
         self.close()
         return RuntimeError(f"the vLLM child process died (exit status {process.exitcode}); its output went to this process's stderr")
 
-    def _receive(self) -> Any:
-        if self.request_timeout_s is not None and not self._conn.poll(self.request_timeout_s):
+    def _receive(self, timeout: float | None) -> Any:
+        if timeout is not None and not self._conn.poll(timeout):
             self.process.kill()  # hung: asking it to stop would wait for the request it is stuck in
             self.close()
-            raise TimeoutError(f"the vLLM child process did not answer within engine.request_timeout_s="
-                               f"{self.request_timeout_s:g} s")
+            raise TimeoutError(f"the vLLM child process did not answer within engine.request_timeout_s={timeout:g} s")
         try:
             status, payload = self._conn.recv()
         except (EOFError, OSError):  # EOF, or a reset when the child died with our request unread
@@ -208,7 +207,7 @@ class VLLMEngine:
             self._conn.send(requests)
         except OSError:
             raise self._died() from None
-        return self._receive()
+        return self._receive(self.request_timeout_s)
 
     def update_weights_from_hf(self, hf_dir: str) -> None:
         # No portable in-place reload across vLLM releases: a new child on the new weights.
