@@ -176,6 +176,13 @@ def final_checkpoint(output_dir: Path) -> Path:
     return iter_dir(root, step)
 
 
+def _trained(output_dir: Path, total: int) -> bool:
+    from sppd_megatron.training.checkpoint import latest_step
+
+    root = output_dir / "checkpoints"
+    return root.is_dir() and latest_step(root) == total
+
+
 def _train_progress(metrics: Path, total: int, desc: str, enabled: bool):
     """A progress bar that follows the child trainer's metrics.jsonl (one line per optimizer step)."""
     from tqdm import tqdm
@@ -219,11 +226,14 @@ def train_and_export(stage_dir: Path, label: str, train_cfg: dict, init: dict[st
         sched = train_cfg["schedule"]
         total = sched["train_steps"] or max(1, -(-sched["epochs"] * n // sched["global_batch_size"]))
         out_dir = Path(train_cfg["output_dir"])
-        bar, poll = _train_progress(out_dir / "metrics.jsonl", total, f"train[{label}]", progress)
-        try:
-            run_child(["train", str(recipe)], stage_dir / "train.log", threads, launcher, poll)
-        finally:
-            bar.close()
+        if _trained(out_dir, total):  # a resumed stage whose export was cut short: no trainer to start
+            log(f"[{label}] trained already (the checkpoint of step {total} is there)")
+        else:
+            bar, poll = _train_progress(out_dir / "metrics.jsonl", total, f"train[{label}]", progress)
+            try:
+                run_child(["train", str(recipe)], stage_dir / "train.log", threads, launcher, poll)
+            finally:
+                bar.close()
         checkpoint = final_checkpoint(out_dir)
         hf = export_hf(checkpoint, stage_dir / "hf", stage_dir / "train.log", threads)
         last = json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[-1])

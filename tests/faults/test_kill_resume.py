@@ -53,10 +53,10 @@ def test_the_loop_killed_at_every_stage_resumes_to_the_same_result(pipeline_refe
     assert status(run_dir, "sample") == "done" and status(run_dir, "score") == "running"
     tally.fault("score[mc]", "SIGKILL at a random moment", "recovered")
     killed("pairs.write:2", "pairs")
-    child_killed("train.step[sft]:1", "sft_prm", "train")
-    child_killed("train.step[dpo]:2", "dpo_prm", "train")
+    child_killed("train.step[sft]:2", "sft_prm", "train")
+    child_killed("train.step[dpo]:2", "dpo_prm", "train")  # SFT-PRM resumes first, then DPO-PRM dies
     child_killed("export.shard:1", "dpo_prm", "convert mcore-to-hf")
-    child_killed("ckpt.state[step_dpo]:2", "step_dpo", "train")
+    child_killed("ckpt.state[step_dpo]:2", "step_dpo", "train")  # DPO-PRM's export again, no trainer
     killed("eval.question:2", "eval/base")
     proc = run(cmd, {"SPPD_FAULT": "report.write:1"})
     assert proc.returncode == -signal.SIGKILL and not (run_dir / "report.json").exists()
