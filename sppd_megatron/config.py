@@ -8,6 +8,8 @@ never at the first training step. Each stage owns its dataclass (``TrainConfig``
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -22,6 +24,24 @@ class ConfigError(ValueError):
     """A config that cannot work; the message names the file and the dotted key."""
 
 
+class RunStopped(RuntimeError):
+    """A run that cannot go on for a reason the user can act on (a directory another command holds,
+    a non-finite training step, a rollout engine that stopped answering, a failed stage)."""
+
+
+USER_ERRORS = (ValueError, OSError, RunStopped)
+"""What a verb reports as one line and exit status 2 (:func:`report_error`): bad configs, bad
+records and files (ValueError and its kinds), unreadable or unwritable paths and a full disk
+(OSError), and :class:`RunStopped`. Anything else is a bug and keeps its traceback."""
+
+MAX_CONFIG_BYTES = 1 << 20
+"""A config file larger than this is refused before parsing (no recipe comes near it)."""
+MAX_ERROR_CHARS = 2000
+"""An error line longer than this keeps its start and end (a huge value quoted in it is cut)."""
+INT_LIMIT = 2**63
+"""Integers in configs must fit in 64 bits (every count and size is handed to torch or numpy)."""
+
+
 def _is_optional(tp: Any) -> tuple[bool, Any]:
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -29,6 +49,12 @@ def _is_optional(tp: Any) -> tuple[bool, Any]:
         if len(args) != len(get_args(tp)):
             return True, args[0] if len(args) == 1 else typing.Union[tuple(args)]
     return False, tp
+
+
+def _short(value: Any) -> str:
+    """``repr`` of a config value, cut so a huge one never floods the error line."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:60] + f"... ({len(text)} characters)"
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
@@ -49,8 +75,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = get_origin(tp)
     if origin is Literal:
         allowed = get_args(tp)
-        if value not in allowed:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(allowed)}")
+        if not isinstance(value, (str, int, float, bool)) or value not in allowed:
+            raise ConfigError(f"{where}: {_short(value)} is not one of {list(allowed)}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -69,22 +95,31 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -INT_LIMIT < value < INT_LIMIT:
+                raise ConfigError(f"{where}: {value} is out of range (integers must fit in 64 bits)")
             return value
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        raise ConfigError(f"{where}: expected an integer, got {_short(value)}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+            number = float(value) if abs(value) < 1e308 or isinstance(value, float) else math.inf
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{where}: expected a number, got {_short(value)}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: {_short(value)} is not a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
+        raise ConfigError(f"{where}: expected a string, got {_short(value)}")
     if tp is Path:
+        if not isinstance(value, (str, os.PathLike)):
+            raise ConfigError(f"{where}: expected a path, got {_short(value)}")
         return Path(value)
     raise ConfigError(f"{where}: unsupported config type {tp!r}")
 
@@ -92,10 +127,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 def _build(cls: type[T], data: dict, where: str) -> T:
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(str(k)[:60] for k in set(data) - set(fields))
     if unknown:
         raise ConfigError(
-            f"{where}: unknown key(s) {unknown} for {cls.__name__}; valid keys: {sorted(fields)}"
+            f"{where or cls.__name__}: unknown key(s) {unknown} for {cls.__name__}; valid keys: {sorted(fields)}"
         )
     kwargs = {}
     for name, value in data.items():
@@ -104,7 +139,7 @@ def _build(cls: type[T], data: dict, where: str) -> T:
         obj = cls(**kwargs)
     except TypeError as exc:  # a required field is missing
         raise ConfigError(f"{where or cls.__name__}: {exc}") from None
-    except ValueError as exc:  # __post_init__ cross-field checks
+    except (ValueError, ArithmeticError) as exc:  # __post_init__ cross-field checks
         raise ConfigError(f"{where or cls.__name__}: {exc}") from None
     return obj
 
@@ -112,11 +147,16 @@ def _build(cls: type[T], data: dict, where: str) -> T:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a", "b", "c"], yaml-parsed value)."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected dotted.key=value")
+        raise ConfigError(f"override {_short(text)}: expected dotted.key=value")
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r}: empty key")
-    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+        raise ConfigError(f"override {_short(text)}: empty key")
+    if raw == "":
+        return key.split("."), ""
+    try:
+        return key.split("."), yaml.load(raw, Loader=_LOADER)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {_short(text)}: not a YAML value ({_yaml_problem(exc)})") from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -144,18 +184,45 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
     source = "<overrides>"
     if path is not None:
         source = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
+        data = read_yaml_mapping(path, ConfigError)
     apply_overrides(data, overrides or [])
     return config_from_dict(cls, data, source)
+
+
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: a big file parses fast
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{what} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else what
+
+
+def read_yaml_mapping(path: str | Path, error: type[Exception] = ConfigError) -> dict:
+    """A YAML file whose top level is a mapping (safe loader: tags never build objects), else ``error``
+    naming the file (and line)."""
+    try:
+        size = Path(path).stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise error(f"{path}: {size} bytes, too large for a config (the limit is {MAX_CONFIG_BYTES})")
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise error(f"{path}: cannot read config ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    try:
+        data = yaml.load(text, Loader=_LOADER)
+    except yaml.YAMLError as exc:
+        where = getattr(getattr(exc, "problem_mark", None), "line", None)
+        raise error(f"{path}{':' + str(where + 1) if where is not None else ''}: not valid YAML "
+                    f"({_yaml_problem(exc)})") from None
+    except RecursionError:
+        raise error(f"{path}: not valid YAML (nested too deeply)") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise error(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
 
 
 def config_to_dict(cfg: Any) -> dict:
@@ -186,9 +253,28 @@ def parse_config_command(prog: str, cls: type[T], argv: list[str] | None, doc: s
     return load_config(cls, args.config, args.overrides)
 
 
+def error_line(exc: BaseException) -> str:
+    """One line saying what went wrong and where: an OSError names its path, a longer message is
+    joined onto one line."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.filename is not None:
+        text = f"{exc.filename}: {exc.strerror or exc}"
+        if exc.errno == errno.ENOSPC:
+            text += " (what was finished is kept: free some space and run the same command again to resume)"
+    else:
+        text = str(exc) or type(exc).__name__
+    line = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    if len(line) > MAX_ERROR_CHARS:  # a 10 MB value quoted in a message stays readable
+        line = f"{line[:MAX_ERROR_CHARS // 2]} ...({len(line) - MAX_ERROR_CHARS} characters)... {line[-MAX_ERROR_CHARS // 2:]}"
+    return line
+
+
 def report_error(prog: str, exc: BaseException) -> int:
-    """Print a user error (bad config, bad record, missing file) as one line; the exit code is 2."""
+    """Print a user error (:data:`USER_ERRORS`) as one line on stderr; the exit code is 2."""
     import sys
 
-    print(f"{prog}: error: {exc}", file=sys.stderr)
+    # One write: ranks of a job share the terminal, and a pipe keeps a write this short whole.
+    sys.stderr.write(f"{prog}: error: {error_line(exc)}\n")
+    sys.stderr.flush()
     return 2

@@ -14,9 +14,12 @@ import dataclasses
 import json
 import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator, TypeVar
+from typing import Any, ClassVar, Iterable, Iterator, TypeVar, get_args, get_origin, get_type_hints
 
 SCHEMA_VERSION = 1
 
@@ -39,6 +42,40 @@ def _check_finite(name: str, value: Any) -> None:
         raise RecordError(f"field '{name}' must be a number, got {value!r}")
     if value is not None and not math.isfinite(value):
         raise RecordError(f"field '{name}' is {value} (NaN/inf values are not allowed)")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _matches(tp: Any, value: Any) -> bool:
+    """Whether a JSON value has the field type ``tp`` (records hold plain JSON types, lists and dicts)."""
+    if tp is Any:
+        return True
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(arg, value) for arg in get_args(tp))
+    if tp is type(None):
+        return value is None
+    if dataclasses.is_dataclass(tp):
+        return isinstance(value, (dict, tp))
+    if origin is list:
+        (item,) = get_args(tp) or (Any,)
+        return isinstance(value, list) and all(_matches(item, v) for v in value)
+    if origin is dict:
+        _, item = get_args(tp) or (str, Any)
+        return isinstance(value, dict) and all(isinstance(k, str) and _matches(item, v) for k, v in value.items())
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+@lru_cache(maxsize=None)
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def _check_unit(name: str, value: float | None) -> None:
@@ -78,6 +115,14 @@ class Record:
         ]
         if missing:
             raise RecordError(f"{cls.kind} record is missing required field(s) {missing}")
+        # An unknown field is a typo or another tool's record: refused, never silently dropped.
+        unknown = sorted(str(k)[:40] for k in data if k not in names and k != "schema_version")
+        if unknown:
+            raise RecordError(f"{cls.kind} record has unknown field(s) {unknown[:5]}")
+        for name, tp in _field_types(cls).items():
+            if name in data and not _matches(tp, data[name]):
+                raise RecordError(f"field '{name}' of a {cls.kind} record must be {_type_name(tp)}, "
+                                  f"got {type(data[name]).__name__}")
         kwargs = {n: data[n] for n in names if n in data}
         obj = cls._from_fields(kwargs)
         obj.validate()
@@ -349,42 +394,62 @@ class Prediction(Record):
 # --- JSONL I/O ----------------------------------------------------------------------------------
 
 
-def read_jsonl(path: str | os.PathLike, cls: type[R]) -> Iterator[R]:
-    """Yield validated records; the first bad line raises RecordError(file, line)."""
-    path = Path(path)
+def _json_lines(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    """``(line number, parsed JSON, None)`` or ``(line number, None, reason)`` for each non-blank line.
+
+    Lines are read as bytes and decoded one by one, so a stray invalid byte is that line's problem
+    (named with its number), not an exception in the middle of iteration.
+    """
     try:
-        fh = path.open("r", encoding="utf-8")
+        fh = path.open("rb")
     except OSError as exc:
         raise RecordError(f"cannot open ({exc.strerror})", path) from None
     with fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
                 continue
             try:
-                data = json.loads(line)
+                yield lineno, json.loads(raw.decode("utf-8")), None
+            except UnicodeDecodeError as exc:
+                yield lineno, None, f"not UTF-8 text (byte {exc.start} of the line: {exc.reason})"
             except json.JSONDecodeError as exc:
-                raise RecordError(f"malformed JSON ({exc.msg} at column {exc.colno})", path, lineno) from None
-            try:
-                yield cls.from_dict(data)
-            except RecordError as exc:
-                raise RecordError(exc.reason, path, lineno) from None
-            except (TypeError, ValueError) as exc:
-                raise RecordError(f"invalid {cls.kind} record: {exc}", path, lineno) from None
+                yield lineno, None, f"malformed JSON ({exc.msg} at column {exc.colno})"
+            except RecursionError:
+                yield lineno, None, "malformed JSON (nested too deeply)"
+
+
+def _record(cls: type[R], data: Any) -> R:
+    try:
+        return cls.from_dict(data)
+    except RecordError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as exc:
+        raise RecordError(f"invalid {cls.kind} record: {exc}") from None
+
+
+def read_jsonl(path: str | os.PathLike, cls: type[R]) -> Iterator[R]:
+    """Yield validated records; the first bad line raises RecordError(file, line)."""
+    path = Path(path)
+    for lineno, data, reason in _json_lines(path):
+        if reason is not None:
+            raise RecordError(reason, path, lineno)
+        try:
+            yield _record(cls, data)
+        except RecordError as exc:
+            raise RecordError(exc.reason, path, lineno) from None
 
 
 def iter_jsonl_lenient(path: str | os.PathLike, cls: type[R]) -> Iterator[tuple[int, R | None, str | None]]:
     """Yield ``(line, record, None)`` or ``(line, None, reason)``: for stages that reject, not stop."""
     path = Path(path)
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, cls.from_dict(json.loads(line)), None
-            except json.JSONDecodeError as exc:
-                yield lineno, None, f"malformed JSON ({exc.msg})"
-            except (RecordError, TypeError, ValueError) as exc:
-                yield lineno, None, str(getattr(exc, "reason", exc))
+    for lineno, data, reason in _json_lines(path):
+        if reason is not None:
+            yield lineno, None, reason
+            continue
+        try:
+            yield lineno, _record(cls, data), None
+        except RecordError as exc:
+            yield lineno, None, exc.reason
 
 
 def dumps_record(record: Record) -> str:
@@ -412,13 +477,17 @@ class JsonlAppender:
     """Append-only JSONL writer for resumable stages: each record is one fsynced line.
 
     On open, a half-written last line (a crash mid-write) is cut off, so a resumed run never
-    sees a broken or duplicate record. ``done_keys`` lists the ``key`` field of what is there.
+    sees a broken or duplicate record; every complete line is checked as a ``cls`` record, and one
+    that is not (a file damaged or edited since) stops the run with its file and line.
+    ``done_keys`` lists the ``key`` field of what is there. ``fault_point`` names the
+    :mod:`sppd_megatron.faults` point reached before each append.
     """
 
-    def __init__(self, path: str | os.PathLike, key: str = "id"):
+    def __init__(self, path: str | os.PathLike, cls: type[Record], key: str = "id", fault_point: str | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.key = key
+        self.fault_point = fault_point
         self.done_keys: set[str] = set()
         if self.path.exists():
             data = self.path.read_bytes()
@@ -426,12 +495,23 @@ class JsonlAppender:
             if cut != len(data):
                 with self.path.open("r+b") as fh:
                     fh.truncate(cut)
-            for line in data[:cut].splitlines():
-                if line.strip():
-                    self.done_keys.add(str(json.loads(line).get(key)))
+            for lineno, parsed, reason in _json_lines(self.path):
+                if reason is not None:
+                    raise RecordError(f"{reason}; this file was written by an earlier run and is damaged "
+                                      "(move it away to redo its records)", self.path, lineno)
+                try:
+                    record = _record(cls, parsed)
+                except RecordError as exc:
+                    raise RecordError(f"{exc.reason}; this file was written by an earlier run and is damaged "
+                                      "(move it away to redo its records)", self.path, lineno) from None
+                self.done_keys.add(str(getattr(record, key)))
         self._fh = self.path.open("a", encoding="utf-8")
 
     def append(self, record: Record) -> None:
+        if self.fault_point is not None:
+            from sppd_megatron import faults
+
+            faults.hit(self.fault_point, self.path)
         self._fh.write(dumps_record(record) + "\n")
         self._fh.flush()
         os.fsync(self._fh.fileno())

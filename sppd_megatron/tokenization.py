@@ -22,6 +22,10 @@ CHAT_TEMPLATE = (
 )
 
 
+class TokenizerError(ValueError):
+    """A tokenizer directory that cannot be loaded; the message names the directory or file."""
+
+
 def build_char_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -44,6 +48,22 @@ def build_char_tokenizer():
     return tok
 
 
+def _check_json(file: Path) -> None:
+    """TokenizerError naming ``file`` (and line) unless it is absent or a JSON object."""
+    import json
+
+    if not file.is_file():
+        return
+    try:
+        data = json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise TokenizerError(f"{file}: not UTF-8 text (byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise TokenizerError(f"{file}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{file}: not a JSON object")
+
+
 def load_tokenizer(spec: str | Path):
     """``builtin:char`` or a directory with Hugging Face tokenizer files (no download is attempted)."""
     if str(spec) == CHAR_TOKENIZER_SPEC:
@@ -57,13 +77,25 @@ def load_tokenizer(spec: str | Path):
         raise FileNotFoundError(
             f"tokenizer {spec!r}: not '{CHAR_TOKENIZER_SPEC}' and not a directory with tokenizer files"
         )
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        _check_json(path / name)
     cfg_path = path / "tokenizer_config.json"
-    cls = json.loads(cfg_path.read_text()).get("tokenizer_class") if cfg_path.is_file() else None
-    if cls in GENERIC_FAST_CLASSES and (path / "tokenizer.json").is_file():
-        # AutoTokenizer would pick the class from config.json's model type (Qwen2Tokenizer for a
-        # Qwen2 config), which re-splits a tokenizer.json built in code; load it as saved instead.
-        return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    cls = None
+    if cfg_path.is_file():
+        try:
+            cls = json.loads(cfg_path.read_bytes().decode("utf-8")).get("tokenizer_class")
+        except (ValueError, AttributeError) as exc:
+            raise TokenizerError(f"{cfg_path}: not a JSON object ({exc})") from None
+    try:
+        if cls in GENERIC_FAST_CLASSES and (path / "tokenizer.json").is_file():
+            # AutoTokenizer would pick the class from config.json's model type (Qwen2Tokenizer for a
+            # Qwen2 config), which re-splits a tokenizer.json built in code; load it as saved instead.
+            return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+        # Never code shipped with the files (an auto_map naming a tokenizer class in a .py file).
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # transformers and tokenizers raise many types for damaged files
+        first = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise TokenizerError(f"{path}: cannot load the tokenizer ({type(exc).__name__}: {first})") from None
 
 
 @lru_cache(maxsize=16)

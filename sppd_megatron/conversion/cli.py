@@ -1,16 +1,16 @@
 """``sppd-megatron convert hf-to-mcore|mcore-to-hf``: checkpoint conversion between HF and Megatron.
 
 Wrong inputs (no config.json, an unsupported architecture, a TP size that does not divide the heads,
-a checkpoint of a different model) end as one line, ``error: ... <what to do>``, and exit status 2.
+a checkpoint of a different model) end as one line, ``sppd-megatron convert: error: ... <what to do>``, and
+exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
-from sppd_megatron.conversion.errors import ConversionError
+from sppd_megatron.config import USER_ERRORS, report_error
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,11 +63,13 @@ def _mcore_to_hf(args) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     start = time.perf_counter()
+    from sppd_megatron.locking import locked
+
     try:
-        out = _hf_to_mcore(args) if args.direction == "hf-to-mcore" else _mcore_to_hf(args)
-    except ConversionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        with locked(args.out):  # one writer per output directory
+            out = _hf_to_mcore(args) if args.direction == "hf-to-mcore" else _mcore_to_hf(args)
+    except USER_ERRORS as exc:
+        return report_error("sppd-megatron convert", exc)
     print(f"wrote {out} ({time.perf_counter() - start:.1f} s)")
     return 0
 

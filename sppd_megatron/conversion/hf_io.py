@@ -46,12 +46,16 @@ def read_hf_config(hf_dir: str | Path) -> tuple[dict, ModelConfig]:
             f"{path}: no config.json; pass a Hugging Face checkpoint directory (config.json + *.safetensors)"
         )
     try:
-        hf_config = json.loads(config_path.read_text())
+        hf_config = json.loads(config_path.read_bytes().decode("utf-8"))
     except json.JSONDecodeError as exc:
         raise ConversionError(f"{config_path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    except UnicodeDecodeError as exc:
+        raise ConversionError(f"{config_path}: not UTF-8 text (byte {exc.start})") from None
+    if not isinstance(hf_config, dict):
+        raise ConversionError(f"{config_path}: not a JSON object")
     try:
         model_cfg = model_config_from_hf(hf_config)
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
         what = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
         raise ConversionError(
             f"{config_path}: {what}; supported: Llama/Mistral-style and Qwen2 causal LMs"
@@ -64,6 +68,40 @@ def hf_source_dtype(hf_config: dict) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
 
 
+def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Llama/Qwen2 checkpoint of ``cfg`` holds, with its shape (HF names)."""
+    hidden, heads, groups, ffn = cfg.hidden_size, cfg.num_attention_heads, cfg.num_query_groups, cfg.ffn_hidden_size
+    head = cfg.kv_channels
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, hidden), "model.norm.weight": (hidden,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, hidden)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+            p + "self_attn.q_proj.weight": (heads * head, hidden), p + "self_attn.k_proj.weight": (groups * head, hidden),
+            p + "self_attn.v_proj.weight": (groups * head, hidden), p + "self_attn.o_proj.weight": (hidden, heads * head),
+            p + "mlp.gate_proj.weight": (ffn, hidden), p + "mlp.up_proj.weight": (ffn, hidden),
+            p + "mlp.down_proj.weight": (hidden, ffn),
+        })
+        if cfg.qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (heads * head,), p + "self_attn.k_proj.bias": (groups * head,),
+                           p + "self_attn.v_proj.bias": (groups * head,)})
+    return shapes
+
+
+def check_hf_weights(hf_dir: str | Path, model_cfg: ModelConfig) -> None:
+    """ConversionError naming the file unless the safetensors hold every tensor ``config.json`` implies,
+    with its shape (headers only: nothing is loaded, so a config claiming a huge model costs nothing)."""
+    with HFTensorReader(hf_dir) as reader:
+        for name, shape in expected_hf_shapes(model_cfg).items():
+            got = reader.shape(name)
+            if got != shape:
+                raise ConversionError(
+                    f"{reader.dir / reader.weight_map[name]}: {name} has shape {got}, config.json implies {shape}; "
+                    "the weights come from a different model than config.json")
+
+
 class HFTensorReader:
     """Random access to the tensors of a safetensors checkpoint, one tensor at a time (mmap)."""
 
@@ -73,9 +111,15 @@ class HFTensorReader:
         self.dir = Path(hf_dir)
         index = self.dir / SAFE_INDEX
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ConversionError(f"{index}: not a safetensors index ({type(exc).__name__}: {exc})") from None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(v, str) and "/" not in v and v.endswith(".safetensors") for v in weight_map.values()):
+                raise ConversionError(f"{index}: weight_map must map tensor names to .safetensors files here")
         elif (self.dir / SAFE_SINGLE).is_file():
-            with safe_open(str(self.dir / SAFE_SINGLE), framework="pt") as f:
+            with self._open_file(SAFE_SINGLE, safe_open, None) as f:
                 weight_map = {name: SAFE_SINGLE for name in f.keys()}
         else:
             found = sorted(p.name for p in self.dir.glob("*.bin")) + sorted(p.name for p in self.dir.glob("*.gguf"))
@@ -91,7 +135,14 @@ class HFTensorReader:
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
-    def get(self, name: str) -> torch.Tensor:
+    def _open_file(self, file: str, safe_open, stack):
+        try:
+            handle = safe_open(str(self.dir / file), framework="pt")
+        except Exception as exc:  # safetensors raises its own error type for a damaged header
+            raise ConversionError(f"{self.dir / file}: not a readable safetensors file ({exc})") from None
+        return stack.enter_context(handle) if stack is not None else handle
+
+    def _handle(self, name: str):
         file = self.weight_map.get(name)
         if file is None:
             raise ConversionError(
@@ -100,9 +151,20 @@ class HFTensorReader:
             )
         handle = self._files.get(file)
         if handle is None:
-            handle = self._stack.enter_context(self._safe_open(str(self.dir / file), framework="pt"))
-            self._files[file] = handle
-        return handle.get_tensor(name)
+            handle = self._files[file] = self._open_file(file, self._safe_open, self._stack)
+        if name not in handle.keys():
+            raise ConversionError(f"{self.dir / file}: tensor {name!r} is not in this file (the index says it is)")
+        return handle
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        handle = self._handle(name)
+        try:
+            return handle.get_tensor(name)
+        except Exception as exc:  # a file cut short: the header promises bytes that are not there
+            raise ConversionError(f"{self.dir / self.weight_map[name]}: cannot read tensor {name!r} ({exc})") from None
 
     def close(self) -> None:
         self._stack.close()
@@ -146,7 +208,10 @@ class ShardedSafetensorsWriter:
     def _flush(self) -> None:
         from safetensors.torch import save_file
 
+        from sppd_megatron import faults
+
         tmp = f".shard-{len(self._written):05d}.safetensors.tmp"
+        faults.hit("export.shard", self.out / tmp)
         save_file(self._pending, str(self.out / tmp), metadata={"format": "pt"})
         self._written.append((tmp, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0

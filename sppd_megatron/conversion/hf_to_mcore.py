@@ -22,6 +22,7 @@ from sppd_megatron.conversion.errors import ConversionError
 from sppd_megatron.conversion.hf_io import (
     DTYPES,
     HFTensorReader,
+    check_hf_weights,
     copy_tokenizer_files,
     hf_source_dtype,
     read_hf_config,
@@ -56,16 +57,26 @@ def check_parallel_layout(model_cfg: ModelConfig, tp: int, pp: int, where: str) 
         raise ConversionError(f"{where}: {exc}") from None
 
 
+def _contents(out: Path) -> list[Path]:
+    """What ``out`` holds, but the lock of the command writing it."""
+    from sppd_megatron.locking import LOCK_FILE
+
+    return [p for p in out.iterdir() if p.name != LOCK_FILE] if out.is_dir() else []
+
+
 def check_output_dir(out: Path, overwrite: bool) -> None:
     """Refuse a non-empty ``out`` unless ``overwrite`` (checked before anything is read or written)."""
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if _contents(out) and not overwrite:
         raise ConversionError(f"{out}: output directory is not empty; pass --overwrite or choose another --out")
 
 
 def prepare_output_dir(out: Path, overwrite: bool) -> None:
     check_output_dir(out, overwrite)
-    if out.exists() and any(out.iterdir()):
-        shutil.rmtree(out)
+    for p in _contents(out):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -88,26 +99,13 @@ def plan_conversion(hf_dir: Path, out: Path, options: HfToMcoreOptions) -> tuple
     return hf_config, model_cfg, dtype_name
 
 
-def _check_weights_fit(reader: HFTensorReader, model_cfg: ModelConfig) -> None:
-    """Cheap early check that the safetensors belong to this config.json (shapes of the embeddings)."""
-    emb = reader.get("model.embed_tokens.weight")
-    if tuple(emb.shape) != (model_cfg.vocab_size, model_cfg.hidden_size):
-        raise ConversionError(
-            f"{reader.dir}: model.embed_tokens.weight is {tuple(emb.shape)} but config.json says "
-            f"({model_cfg.vocab_size}, {model_cfg.hidden_size}); the weights come from a different model"
-        )
-    last = f"model.layers.{model_cfg.num_layers - 1}.mlp.down_proj.weight"
-    if last not in reader:
-        raise ConversionError(f"{reader.dir}: {last} is missing; config.json has more layers than the weights")
-
-
 def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, options: HfToMcoreOptions | None = None) -> Path:
     """Write ``out_dir`` (sppd_model.json + model/ + tokenizer/) from a HF checkpoint directory."""
     options = options or HfToMcoreOptions()
     hf_dir, out = Path(hf_dir), Path(out_dir)
     hf_config, model_cfg, dtype_name = plan_conversion(hf_dir, out, options)
+    check_hf_weights(hf_dir, model_cfg)
     with HFTensorReader(hf_dir) as reader:
-        _check_weights_fit(reader, model_cfg)
         prepare_output_dir(out, options.overwrite)
         write_streaming(reader, model_cfg, DTYPES[dtype_name], out / MODEL_SUBDIR)
     tokenizer_spec = None

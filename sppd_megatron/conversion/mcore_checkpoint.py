@@ -28,7 +28,7 @@ import torch
 
 from sppd_megatron.config import config_to_dict
 from sppd_megatron.conversion.errors import ConversionError
-from sppd_megatron.models.config import ModelConfig, RopeScaling
+from sppd_megatron.models.config import ModelConfig
 from sppd_megatron.parallel.state import barrier
 
 META_FILE = "sppd_model.json"
@@ -43,10 +43,12 @@ def _rank() -> int:
 
 
 def model_config_from_dict(data: dict) -> ModelConfig:
-    data = dict(data)
-    if data.get("rope_scaling") is not None:
-        data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
-    return ModelConfig(**data)
+    """A ModelConfig from its dict, with the config loader's type checks (a wrong type fails here)."""
+    from sppd_megatron.config import config_from_dict
+
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a mapping, got {type(data).__name__}")
+    return config_from_dict(ModelConfig, data, "model")
 
 
 def write_checkpoint_meta(
@@ -87,14 +89,24 @@ def read_checkpoint_meta(ckpt_dir: str | Path) -> dict[str, Any]:
         )
         raise ConversionError(f"{ckpt}: no {META_FILE}; not an sppd-megatron checkpoint{hint}")
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_bytes().decode("utf-8"))
     except json.JSONDecodeError as exc:
         raise ConversionError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    except UnicodeDecodeError as exc:
+        raise ConversionError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    if not isinstance(meta, dict):
+        raise ConversionError(f"{path}: not a JSON object")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ConversionError(
             f"{path}: format_version {meta.get('format_version')!r} is not {FORMAT_VERSION}; "
             "re-convert the checkpoint with this version of sppd-megatron"
         )
+    kinds = {"model": dict, "tokenizer": (str, type(None)), "source": str, "dtype": str,
+             "hf_config": (dict, type(None)), "suggested_parallel": dict}
+    wrong = [k for k, kind in kinds.items() if k in meta and not isinstance(meta[k], kind)]
+    if wrong or meta.get("dtype", "fp32") not in ("fp32", "bf16"):
+        raise ConversionError(f"{path}: wrong type or value of {wrong or ['dtype']}; the checkpoint's description is "
+                              "damaged")
     if not (ckpt / MODEL_SUBDIR / "metadata.json").is_file():
         raise ConversionError(f"{ckpt}: {MODEL_SUBDIR}/ holds no complete dist checkpoint (interrupted save?)")
     return meta
@@ -105,7 +117,7 @@ def read_checkpoint_model_config(ckpt_dir: str | Path) -> ModelConfig:
     path = Path(ckpt_dir) / META_FILE
     try:
         return model_config_from_dict(read_checkpoint_meta(ckpt_dir)["model"])
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
         if isinstance(exc, ConversionError):
             raise
         raise ConversionError(f"{path}: invalid \"model\" entry ({exc})") from None
@@ -114,7 +126,9 @@ def read_checkpoint_model_config(ckpt_dir: str | Path) -> ModelConfig:
 def checkpoint_tokenizer_spec(ckpt_dir: str | Path) -> str | None:
     """The checkpoint's tokenizer: ``builtin:char``, an absolute directory, or None if none was recorded."""
     spec = read_checkpoint_meta(ckpt_dir).get("tokenizer")
-    if spec is None or str(spec).startswith("builtin:"):
+    if spec is not None and not isinstance(spec, str):
+        raise ConversionError(f"{Path(ckpt_dir) / META_FILE}: \"tokenizer\" must be a path or builtin:char")
+    if spec is None or spec.startswith("builtin:"):
         return spec
     path = Path(spec)
     return str(path if path.is_absolute() else (Path(ckpt_dir) / path).resolve())
@@ -200,6 +214,26 @@ def save_model_checkpoint(
 # --------------------------------------------------------------------------------------------- load
 
 
+def load_dist_checkpoint(load, sharded, directory: str | Path, **kwargs):
+    """``load(sharded, directory)`` (megatron's ``dist_checkpointing.load``) of a directory checked first
+    (:mod:`.checkpoint_safety`: nothing in it can run code), any failure reported as ConversionError."""
+    from sppd_megatron.conversion.checkpoint_safety import verify_dist_checkpoint
+
+    verify_dist_checkpoint(directory)
+    try:
+        return load(sharded, str(directory), **kwargs)
+    except (ConversionError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # a damaged checkpoint fails deep in torch/megatron with any exception type
+        # (torch.distributed.checkpoint's CheckpointException derives from BaseException, and its message
+        # holds each rank's traceback: its last line is what went wrong)
+        text = str(exc).strip()
+        if "Traceback" in text:
+            text = text.splitlines()[-1]
+        first = " ".join(text.split())[:300] or type(exc).__name__
+        raise ConversionError(f"{directory}: cannot load this dist checkpoint ({type(exc).__name__}: {first})") from None
+
+
 def load_model_checkpoint(
     model: torch.nn.Module,
     ckpt_dir: str | Path,
@@ -224,7 +258,7 @@ def load_model_checkpoint(
         check_checkpoint_matches(ckpt_dir, model_cfg)
     model_dir = Path(ckpt_dir) / MODEL_SUBDIR
     sharded = model.sharded_state_dict()
-    saved = set(load_sharded_metadata(str(model_dir)))
+    saved = set(load_dist_checkpoint(lambda _, d: load_sharded_metadata(d), None, model_dir))
 
     def stored_as(entry, key: str) -> str:
         return entry.unique_key if isinstance(entry, ShardedObject) else getattr(entry, "key", key)
@@ -235,8 +269,11 @@ def load_model_checkpoint(
     ]
     for k in absent:
         del sharded[k]
-    state = dist_checkpointing.load(sharded, str(model_dir))
-    incompatible = model.load_state_dict(state, strict=False)
+    state = load_dist_checkpoint(dist_checkpointing.load, sharded, model_dir)
+    try:
+        incompatible = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that do not fit
+        raise ConversionError(f"{ckpt_dir}: checkpoint does not fit the model ({' '.join(str(exc).split())[:300]})") from None
     missing = [
         k for k in incompatible.missing_keys
         if not k.endswith("_extra_state") and not k.startswith(missing_ok_prefixes)
@@ -290,7 +327,8 @@ def load_checkpoint_tensors(ckpt_dir: str | Path, sharded_subset: dict) -> dict[
 
     request = dict_list_map_outplace(as_plain_chunk, subset)
     # A subset covers only part of each stacked tensor: skip the whole-coverage check.
-    dist_checkpointing.load(request, str(Path(ckpt_dir) / MODEL_SUBDIR), validate_access_integrity=False)
+    load_dist_checkpoint(dist_checkpointing.load, request, Path(ckpt_dir) / MODEL_SUBDIR,
+                         validate_access_integrity=False)
     # The loader filled the tensors in place; the views above share their storage.
     loaded = dict_list_map_inplace(lambda sh: sh.data if isinstance(sh, ShardedTensor) else sh, subset)
     return apply_factory_merges(loaded, factories)

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from sppd_megatron.config import ConfigError, load_config
+from sppd_megatron.config import USER_ERRORS, ConfigError, load_config, report_error
 from sppd_megatron.evaluation.config import EvalConfig
-from sppd_megatron.records import RecordError
 
 EXPORT_DIR = "hf_export"
 EXPORT_STAMP = "exported_from.json"
@@ -141,9 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(EvalConfig, args.config, _flag_overrides(args) + args.overrides)
         summary = run_eval(cfg)
-    except (ConfigError, RecordError, FileNotFoundError, ValueError) as exc:
-        print(f"sppd-megatron eval: error: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return report_error("sppd-megatron eval", exc)
     from sppd_megatron.evaluation.summary import render_markdown
 
     print(render_markdown(summary), end="")

@@ -26,7 +26,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -44,8 +43,6 @@ from sppd_megatron.scoring.grading import DEFAULT_TIMEOUT_SECONDS, answers_equal
 
 PREDICTIONS = "predictions.jsonl"
 MANIFEST = "eval_manifest.json"
-# Test hook: kill this process (SIGKILL, no cleanup) right after it has written this many questions.
-KILL_AFTER_ENV = "SPPD_EVAL_KILL_AFTER_QUESTIONS"
 
 
 @dataclass(frozen=True)
@@ -92,7 +89,12 @@ def _check_manifest(out: Path, settings: dict, orm_name: str | None) -> None:
     path = out / MANIFEST
     old: dict = {}
     if path.exists():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+            old.get("settings", {}).get
+        except (ValueError, AttributeError):
+            raise ConfigError(f"{path}: damaged (not the JSON object evaluation writes); move it away to "
+                              "evaluate this directory again") from None
         changed = sorted(k for k in set(old.get("settings", {})) | set(settings)
                          if old.get("settings", {}).get(k) != settings.get(k))
         if changed:
@@ -226,49 +228,49 @@ def evaluate(engine: RolloutEngine | Callable[[], RolloutEngine], tokenizer, ben
         raise ValueError("questions_per_batch and max_new_tokens must be >= 1 and temperature >= 0")
     template = resolve_template(template or default_template(tokenizer), tokenizer)
 
+    from sppd_megatron.locking import locked
+
     out = Path(out_dir)
-    settings = {"model": model_id, "template": dataclasses.asdict(template), "max_new_tokens": max_new_tokens,
-                "temperature": temperature, "top_p": top_p, "seed": seed, "questions_per_batch": questions_per_batch}
-    _check_manifest(out, settings, orm.name if plan.score else None)
-    predictions_path = out / PREDICTIONS
-    appender = JsonlAppender(predictions_path)  # opening cuts a half-written last line
-    wanted = {(bench, p.id) for bench, prompts in benchmarks.items() for p in prompts}
-    done = _load_done(predictions_path, wanted, plan)
+    with locked(out):  # one writer per directory
+        settings = {"model": model_id, "template": dataclasses.asdict(template), "max_new_tokens": max_new_tokens,
+                    "temperature": temperature, "top_p": top_p, "seed": seed, "questions_per_batch": questions_per_batch}
+        _check_manifest(out, settings, orm.name if plan.score else None)
+        predictions_path = out / PREDICTIONS
+        appender = JsonlAppender(predictions_path, Prediction, fault_point="eval.question")  # cuts a torn last line
+        wanted = {(bench, p.id) for bench, prompts in benchmarks.items() for p in prompts}
+        done = _load_done(predictions_path, wanted, plan)
 
-    make_engine = None if hasattr(engine, "generate") else engine
-    run = _Run(engine=None if make_engine else engine, make_engine=make_engine, tokenizer=tokenizer, template=template, plan=plan, orm=orm, max_new_tokens=max_new_tokens,
-               temperature=temperature, top_p=top_p, seed=seed, grade_timeout=grade_timeout_seconds)
-    kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
-    written = 0
-    start = time.perf_counter()
-    bar = tqdm(total=len(wanted), initial=len(done), unit="q", desc="eval", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
-    try:
-        with appender:
-            for bench, prompts in benchmarks.items():
-                bar.set_description(f"eval {bench}")
-                for first in range(0, len(prompts), questions_per_batch):
-                    group = prompts[first:first + questions_per_batch]
-                    if all((bench, p.id) in done for p in group):
-                        continue
-                    for record in run.evaluate_group(bench, group):
-                        key = (bench, record.id)
-                        if key in done:
+        make_engine = None if hasattr(engine, "generate") else engine
+        run = _Run(engine=None if make_engine else engine, make_engine=make_engine, tokenizer=tokenizer, template=template, plan=plan, orm=orm, max_new_tokens=max_new_tokens,
+                   temperature=temperature, top_p=top_p, seed=seed, grade_timeout=grade_timeout_seconds)
+        written = 0
+        start = time.perf_counter()
+        bar = tqdm(total=len(wanted), initial=len(done), unit="q", desc="eval", disable=not progress,
+                   file=sys.stderr, dynamic_ncols=True)
+        try:
+            with appender:
+                for bench, prompts in benchmarks.items():
+                    bar.set_description(f"eval {bench}")
+                    for first in range(0, len(prompts), questions_per_batch):
+                        group = prompts[first:first + questions_per_batch]
+                        if all((bench, p.id) in done for p in group):
                             continue
-                        appender.append(record)
-                        done[key] = record
-                        written += 1
-                        bar.update(1)
-                        if kill_after and written >= kill_after:
-                            os.kill(os.getpid(), signal.SIGKILL)
-                    elapsed = max(time.perf_counter() - start, 1e-9)
-                    bar.set_postfix(tok_s=f"{run.generated_tokens / elapsed:.0f}", refresh=True)
-    finally:
-        bar.close()
-        if run.engine is not None and run.make_engine is not None:
-            run.engine.close()  # we built it, we close it
+                        for record in run.evaluate_group(bench, group):
+                            key = (bench, record.id)
+                            if key in done:
+                                continue
+                            appender.append(record)
+                            done[key] = record
+                            written += 1
+                            bar.update(1)
+                        elapsed = max(time.perf_counter() - start, 1e-9)
+                        bar.set_postfix(tok_s=f"{run.generated_tokens / elapsed:.0f}", refresh=True)
+        finally:
+            bar.close()
+            if run.engine is not None and run.make_engine is not None:
+                run.engine.close()  # we built it, we close it
 
-    ordered = [done[(bench, p.id)] for bench, prompts in benchmarks.items() for p in prompts]
-    summary = summarize(ordered, modes)
-    write_summary(summary, out)
-    return summary
+        ordered = [done[(bench, p.id)] for bench, prompts in benchmarks.items() for p in prompts]
+        summary = summarize(ordered, modes)
+        write_summary(summary, out)
+        return summary

@@ -59,6 +59,16 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.family not in ("llama", "qwen2"):
             raise ValueError(f"model.family {self.family!r} is not supported (llama, qwen2)")
+        sizes = {"vocab_size": self.vocab_size, "hidden_size": self.hidden_size, "num_layers": self.num_layers,
+                 "num_attention_heads": self.num_attention_heads, "num_query_groups": self.num_query_groups,
+                 "ffn_hidden_size": self.ffn_hidden_size, "max_position_embeddings": self.max_position_embeddings,
+                 "make_vocab_size_divisible_by": self.make_vocab_size_divisible_by,
+                 **({"head_dim": self.head_dim} if self.head_dim is not None else {})}
+        bad = [f"{k}={v!r}" for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+        if bad:
+            raise ValueError(f"model sizes must be positive integers: {', '.join(bad)}")
+        if not (self.rope_theta > 0 and self.norm_epsilon > 0):
+            raise ValueError("model.rope_theta and model.norm_epsilon must be > 0")
         if self.num_attention_heads % self.num_query_groups:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "

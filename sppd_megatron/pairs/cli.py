@@ -18,9 +18,10 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from sppd_megatron.config import ConfigError, config_to_dict, parse_config_command, report_error
+from sppd_megatron import faults
+from sppd_megatron.config import USER_ERRORS, config_to_dict, parse_config_command, report_error
+from sppd_megatron.locking import locked
 from sppd_megatron.pairs.builders import (
     SVPOCounts,
     TreeNotUsable,
@@ -201,7 +202,13 @@ def refusal(cfg: TrainableConfig, kind: str, record: PreferencePair | SFTExample
 
 
 def run_pairs(cfg: PairsConfig) -> dict:
-    """Build every dataset of ``cfg``; returns the stats written to ``pairs_stats.json``."""
+    """Build every dataset of ``cfg`` (its output directory locked meanwhile); returns the stats written
+    to ``pairs_stats.json``."""
+    with locked(cfg.output_dir):
+        return _pairs(cfg)
+
+
+def _pairs(cfg: PairsConfig) -> dict:
     from tqdm import tqdm
 
     out_dir = Path(cfg.output_dir)
@@ -274,10 +281,13 @@ def run_pairs(cfg: PairsConfig) -> dict:
                     keep("svpo", svpo_pairs(tree, cfg.value_name, cfg.svpo.counts, cfg.svpo.threshold),
                          cfg.svpo.max_pairs_per_question, shard, line, tok)
         bar.close()
+        if trees_read == 0:
+            raise ValueError(f"{cfg.input_dir}: no trees in {', '.join(str(s) for s in shards)} (empty input)")
         written = {}
         for kind, name in OUTPUTS.items():
             if kind == "svpo" and not cfg.svpo.enabled:
                 continue
+            faults.hit("pairs.write", out_dir / name)
             written[kind] = write_jsonl(out_dir / name, data[kind])
         stats = {
             "config": config_to_dict(cfg),
@@ -345,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config_command("sppd-megatron pairs", PairsConfig, argv, __doc__, "step.threshold=0.3")
         stats = run_pairs(cfg)
-    except (ConfigError, RecordError, FileNotFoundError, ValueError) as exc:
+    except USER_ERRORS as exc:
         return report_error("sppd-megatron pairs", exc)
     print_stats(stats, cfg.output_dir)
     return 0

@@ -8,10 +8,8 @@ stages and resumes an interrupted one; a changed config is refused for stages al
 from __future__ import annotations
 
 import argparse
-import sys
 
-from sppd_megatron.config import ConfigError
-from sppd_megatron.records import RecordError
+from sppd_megatron.config import USER_ERRORS, report_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,16 +18,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. sample.K=8 iterations=2")
     args = parser.parse_args(argv)
     from sppd_megatron.pipeline.config import load_run_config
-    from sppd_megatron.pipeline.manifest import StageConflict
     from sppd_megatron.pipeline.runner import run_pipeline
-    from sppd_megatron.pipeline.stages import StageFailed
 
     try:
         cfg = load_run_config(args.config, args.overrides)
         run_pipeline(cfg)
-    except (ConfigError, RecordError, StageConflict, StageFailed, FileNotFoundError, ValueError) as exc:
-        print(f"sppd-megatron run: error: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return report_error("sppd-megatron run", exc)
     return 0
 
 

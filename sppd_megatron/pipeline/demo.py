@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -225,17 +224,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="seed of the generated problems (a different corpus, prompts and test sets)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs)")
     args = parser.parse_args(argv)
-    from sppd_megatron.config import ConfigError
-    from sppd_megatron.pipeline.manifest import StageConflict
-    from sppd_megatron.pipeline.stages import StageFailed
+    from sppd_megatron.config import USER_ERRORS, report_error
+    from sppd_megatron.locking import locked
 
     out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
     size = PRESETS["quick" if args.quick else "default"]
     try:
-        run_demo(out, size, progress=not args.no_progress, threads=args.threads, data_seed=args.data_seed)
-    except (ConfigError, StageConflict, StageFailed, FileNotFoundError, ValueError) as exc:
-        print(f"sppd-megatron demo: error: {exc}", file=sys.stderr)
-        return 2
+        with locked(out):  # the data and base model too, not only the run the demo starts in it
+            run_demo(out, size, progress=not args.no_progress, threads=args.threads, data_seed=args.data_seed)
+    except USER_ERRORS as exc:
+        return report_error("sppd-megatron demo", exc)
     return 0
 
 

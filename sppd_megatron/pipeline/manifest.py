@@ -24,15 +24,19 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from sppd_megatron.config import RunStopped
+from sppd_megatron.sampling.config import RETRY_KEYS
+
 MANIFEST = "manifest.json"
 LARGE_FILE_BYTES = 64 * 1024 * 1024
 """Files above this size are fingerprinted by size + first and last MiB, not read whole (checkpoints)."""
 _EDGE_BYTES = 1024 * 1024
-DISPLAY_ONLY_KEYS = frozenset({"progress"})
-"""Config keys that never change a stage's outputs: toggling them does not count as a different config."""
+DISPLAY_ONLY_KEYS = frozenset({"progress", *RETRY_KEYS})
+"""Config keys that never change a stage's outputs (progress bars, a rollout engine's retries): changing
+them does not count as a different config."""
 
 
-class StageConflict(RuntimeError):
+class StageConflict(RunStopped):
     """A stage directory was made with another config or other inputs than the ones given now."""
 
 
@@ -58,8 +62,10 @@ def fingerprint(path: str | Path) -> str:
         return _file_digest(path)
     if not path.is_dir():
         return "missing"
+    from sppd_megatron.locking import LOCK_FILE
+
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name != LOCK_FILE):
         h.update(str(f.relative_to(path)).encode() + b"\0" + _file_digest(f).encode() + b"\n")
     return h.hexdigest()
 
@@ -80,7 +86,16 @@ def code_version() -> str:
 
 def read_manifest(stage_dir: str | Path) -> dict | None:
     path = Path(stage_dir) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        body = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StageConflict(f"{path}: damaged ({exc}); delete this stage directory (and the stages after it) "
+                            "to redo it") from None
+    if not isinstance(body, dict) or not isinstance(body.get("inputs", {}), dict):
+        raise StageConflict(f"{path}: not a stage manifest; delete this stage directory to redo it")
+    return body
 
 
 def write_manifest(stage_dir: str | Path, body: dict) -> None:

@@ -13,7 +13,9 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from sppd_megatron import faults
 from sppd_megatron.config import config_to_dict
+from sppd_megatron.locking import locked
 from sppd_megatron.pipeline.config import TRAIN_STAGES, RunConfig
 from sppd_megatron.pipeline.report import pairs_counts, print_table, results, write_report
 from sppd_megatron.pipeline.stages import (
@@ -111,9 +113,16 @@ def _log_tensorboard(cfg: RunConfig, it: int, evals: dict[str, dict]) -> None:
 
 def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, title: str = "sppd-megatron run",
                  notes: list[str] | None = None) -> dict:
-    """Run every iteration of ``cfg`` (skipping finished stages); writes and returns the report."""
+    """Run every iteration of ``cfg`` (skipping finished stages); writes and returns the report.
+
+    The run directory is locked for the whole run: a second run on it refuses to start.
+    """
+    with locked(cfg.run_dir):
+        return _run_locked(cfg, log, title, notes)
+
+
+def _run_locked(cfg: RunConfig, log: Callable[[str], None], title: str, notes: list[str] | None) -> dict:
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RUN_CONFIG_FILE).write_text(json.dumps(config_to_dict(cfg), indent=2, sort_keys=True) + "\n")
     policy = prepare_policy(cfg, log)
     report: dict = {"run_dir": str(run_dir), "config": config_to_dict(cfg), "iterations": {}}
@@ -125,6 +134,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, title: str 
             print_table(result["eval"], f"{title}: iteration {it}, accuracy % (correct/n)")
         policy = next_policy(cfg, result)
     report["final_policy"] = policy
+    faults.hit("report.write", run_dir / "report.json")
     json_path, md_path = write_report(run_dir, report, title, notes)
     log(f"report: {md_path} and {json_path.name}")
     return report

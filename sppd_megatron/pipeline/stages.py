@@ -21,7 +21,7 @@ from typing import Callable
 
 import yaml
 
-from sppd_megatron.config import config_to_dict
+from sppd_megatron.config import RunStopped, config_to_dict
 from sppd_megatron.pipeline.config import TRAIN_STAGES, RunConfig
 from sppd_megatron.pipeline.manifest import run_stage
 from sppd_megatron.sampling.prompts import source_path
@@ -29,8 +29,8 @@ from sppd_megatron.sampling.prompts import source_path
 Log = Callable[[str], None]
 
 
-class StageFailed(RuntimeError):
-    """A child process of a stage exited with an error; the message points at its log."""
+class StageFailed(RunStopped):
+    """A child process of a stage exited with an error; the message gives its last line and its log."""
 
 
 # --- child processes ------------------------------------------------------------------------------
@@ -69,8 +69,12 @@ def run_child(args: list[str], log_path: Path, threads: int, launcher: list[str]
     if poll is not None:
         poll()
     if proc.returncode != 0:
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
-        raise StageFailed(f"{' '.join(args[:2])} exited with status {proc.returncode}; log: {log_path}\n{tail}")
+        if proc.returncode < 0:
+            why = f"was killed by {signal.Signals(-proc.returncode).name}"
+        else:
+            lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+            why = f"exited with status {proc.returncode}" + (f" ({lines[-1].strip()[:500]})" if lines else "")
+        raise StageFailed(f"{' '.join(args[:2])} {why}; log: {log_path}; run the same command again to resume")
 
 
 def export_hf(checkpoint: Path, out: Path, log_path: Path, threads: int) -> Path:
@@ -173,6 +177,13 @@ def final_checkpoint(output_dir: Path) -> Path:
     return iter_dir(root, step)
 
 
+def _trained(output_dir: Path, total: int) -> bool:
+    from sppd_megatron.training.checkpoint import latest_step
+
+    root = output_dir / "checkpoints"
+    return root.is_dir() and latest_step(root) == total
+
+
 def _train_progress(metrics: Path, total: int, desc: str, enabled: bool):
     """A progress bar that follows the child trainer's metrics.jsonl (one line per optimizer step)."""
     from tqdm import tqdm
@@ -216,11 +227,14 @@ def train_and_export(stage_dir: Path, label: str, train_cfg: dict, init: dict[st
         sched = train_cfg["schedule"]
         total = sched["train_steps"] or max(1, -(-sched["epochs"] * n // sched["global_batch_size"]))
         out_dir = Path(train_cfg["output_dir"])
-        bar, poll = _train_progress(out_dir / "metrics.jsonl", total, f"train[{label}]", progress)
-        try:
-            run_child(["train", str(recipe)], stage_dir / "train.log", threads, launcher, poll)
-        finally:
-            bar.close()
+        if _trained(out_dir, total):  # a resumed stage whose export was cut short: no trainer to start
+            log(f"[{label}] trained already (the checkpoint of step {total} is there)")
+        else:
+            bar, poll = _train_progress(out_dir / "metrics.jsonl", total, f"train[{label}]", progress)
+            try:
+                run_child(["train", str(recipe)], stage_dir / "train.log", threads, launcher, poll)
+            finally:
+                bar.close()
         checkpoint = final_checkpoint(out_dir)
         hf = export_hf(checkpoint, stage_dir / "hf", stage_dir / "train.log", threads)
         last = json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[-1])

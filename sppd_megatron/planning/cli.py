@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import warnings
 
-from sppd_megatron.config import ConfigError, load_config
+from sppd_megatron.config import USER_ERRORS, load_config, report_error
 from sppd_megatron.planning.memory import GIB, format_plan, inputs_for_recipe, plan_memory
 from sppd_megatron.planning.validate import validate_recipe
 
@@ -51,9 +50,8 @@ def main(argv: list[str]) -> int:
 
             args.nodes, args.gpus_per_node = 1, world_size_from_env()
         model, layout = validate_recipe(cfg, args.recipe, args.nodes, args.gpus_per_node, args.arch)
-    except (ConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return report_error("sppd-megatron plan", exc)
     te = None if args.layers == "auto" else args.layers == "te"
     if args.measure:
         te = False  # this machine runs the local spec

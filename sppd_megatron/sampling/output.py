@@ -15,6 +15,7 @@ from typing import Any
 
 from sppd_megatron.config import ConfigError
 from sppd_megatron.records import SCHEMA_VERSION, JsonlAppender, Tree
+from sppd_megatron.sampling.config import RETRY_KEYS
 
 MANIFEST = "sample_manifest.json"
 # Config keys that may change between a run and its resumption without changing any tree.
@@ -29,9 +30,13 @@ def write_manifest(output_dir: str | Path, config: dict[str, Any], extra: dict[s
     """Write the manifest atomically; on a resumed run, refuse a config that would change the trees."""
     path = Path(output_dir) / MANIFEST
     if path.exists():
-        old = json.loads(path.read_text()).get("config", {})
+        try:
+            old = json.loads(path.read_text()).get("config", {})
+        except (ValueError, AttributeError):
+            raise ConfigError(f"{path}: damaged (not the JSON object sampling writes); move it away to sample "
+                              "this directory again") from None
         changed = sorted(k for k in set(old) | set(config)
-                         if k not in RESUME_FREE_KEYS and old.get(k) != config.get(k))
+                         if k not in RESUME_FREE_KEYS and _trees_part(k, old.get(k)) != _trees_part(k, config.get(k)))
         if changed:
             raise ConfigError(f"{path}: this directory was sampled with a different config (keys {changed}); "
                               "use a new output_dir or the original settings to resume")
@@ -40,6 +45,13 @@ def write_manifest(output_dir: str | Path, config: dict[str, Any], extra: dict[s
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def _trees_part(key: str, value: Any) -> Any:
+    """What of a config entry decides the trees (an engine's retry settings do not)."""
+    if key == "engine" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k not in RETRY_KEYS}
+    return value
 
 
 class ShardedTreeWriter:
@@ -51,7 +63,7 @@ class ShardedTreeWriter:
         self._open: dict[int, JsonlAppender] = {}
         self.done: set[str] = set()
         for path in sorted(self.output_dir.glob("trees-*.jsonl")):
-            with JsonlAppender(path) as appender:  # opening cuts a half-written last line
+            with JsonlAppender(path, Tree) as appender:  # opening cuts a half-written last line
                 self.done |= appender.done_keys
 
     def write(self, question_index: int, tree: Tree) -> None:
@@ -62,7 +74,7 @@ class ShardedTreeWriter:
             # Shards fill in order: an earlier shard cannot receive more trees once a later one opens.
             for old in [s for s in self._open if s < shard]:
                 self._open.pop(old).close()
-            self._open[shard] = JsonlAppender(shard_path(self.output_dir, shard))
+            self._open[shard] = JsonlAppender(shard_path(self.output_dir, shard), Tree, fault_point="sample.tree")
         self._open[shard].append(tree)
         self.done.add(tree.id)
 

@@ -18,6 +18,7 @@ conditioned on, using a recorded PromptTemplate.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -88,7 +89,7 @@ def source_name(source: str | Path) -> str:
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
     """(line, row, None) or (line, None, reason) per non-empty line."""
     try:
-        fh = path.open("r", encoding="utf-8")
+        fh = path.open("rb")
     except OSError as exc:
         hint = "" if path.suffix else f" (not a file; named benchmarks: {', '.join(NAMED_BENCHMARKS)})"
         raise RecordError(f"cannot open prompts ({exc.strerror}){hint}", path) from None
@@ -97,9 +98,15 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                yield lineno, None, f"not UTF-8 text (byte {exc.start} of the line)"
+                continue
             except json.JSONDecodeError as exc:
                 yield lineno, None, f"malformed JSON ({exc.msg} at column {exc.colno})"
+                continue
+            except RecursionError:
+                yield lineno, None, "malformed JSON (nested too deeply)"
                 continue
             yield lineno, row, None
 
@@ -148,12 +155,16 @@ def _row_to_prompt(row: dict, fields: PromptFields, source: str, row_index: int)
         raise RecordError(f"no gold answer field (looked for {fields.answer or 'gold_answer/answer'})")
     gold = row[a_field]
     if isinstance(gold, (int, float)) and not isinstance(gold, bool):
+        if not math.isfinite(gold):
+            raise RecordError(f"field '{a_field}' is {gold} (NaN/inf is no answer)")
         gold = str(gold)
     if not isinstance(gold, str):
         raise RecordError(f"field '{a_field}' must be a string, got {type(gold).__name__}")
     if a_field == "answer" and "####" in gold:  # GSM8K: worked solution, then "#### N"
         gold = _gsm8k_gold(gold)
     qid = row[id_field] if id_field and id_field in row else f"{source}-{row_index:05d}"
+    if not isinstance(qid, (str, int)) or isinstance(qid, bool):
+        raise RecordError(f"field '{id_field}' must be a string or an integer, got {type(qid).__name__}")
     # Our own Prompt records carry their source; benchmark rows get "<benchmark-split>:<row>".
     own_source = row.get("source") if "gold_answer" in row else None
     prompt = Prompt(id=str(qid), question=row[q_field], gold_answer=gold,
@@ -192,6 +203,8 @@ def load_prompts(source: str | Path, fields: PromptFields | None = None, limit: 
             raise RecordError(f"duplicate id {prompt.id!r} (first on line {seen[prompt.id]})", where, lineno)
         seen[prompt.id] = lineno
         out.append(prompt)
+    if not out:
+        raise RecordError("no prompts in this file", where)
     return out
 
 

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from sppd_megatron.config import ConfigError, parse_config_command, report_error
-from sppd_megatron.records import JsonlAppender, RecordError, Tree, iter_jsonl_lenient
+from sppd_megatron.config import USER_ERRORS, ConfigError, parse_config_command, report_error
+from sppd_megatron.locking import locked
+from sppd_megatron.records import JsonlAppender, Tree, iter_jsonl_lenient
 from sppd_megatron.sampling.config import EngineConfig
 from sppd_megatron.scoring.grading import DEFAULT_TIMEOUT_SECONDS
 from sppd_megatron.scoring.hf_prm import HFPRMConfig, SGLangPRMConfig
@@ -125,7 +126,13 @@ def _count_lines(path: Path) -> int:
 
 
 def run_scoring(cfg: ScoreConfig, prms: dict | None = None) -> dict:
-    """Score every tree not yet in ``cfg.output_dir``; ``prms`` may inject ready PRM objects (tests)."""
+    """Score every tree not yet in ``cfg.output_dir`` (locked meanwhile); ``prms`` may inject ready PRM
+    objects (tests)."""
+    with locked(cfg.output_dir):
+        return _score(cfg, prms)
+
+
+def _score(cfg: ScoreConfig, prms: dict | None) -> dict:
     from tqdm import tqdm
 
     from sppd_megatron.scoring.tree_scoring import grade_tree, score_trees_with_prm, score_trees_with_tree_values
@@ -169,7 +176,7 @@ def run_scoring(cfg: ScoreConfig, prms: dict | None = None) -> dict:
 
     try:
         for shard in shards:
-            with JsonlAppender(out_dir / shard.name) as appender:
+            with JsonlAppender(out_dir / shard.name, Tree, fault_point="score.tree") as appender:
                 batch: list[Tree] = []
                 for line, tree, reason in iter_jsonl_lenient(shard, Tree):
                     summary["trees"] += 1
@@ -191,6 +198,8 @@ def run_scoring(cfg: ScoreConfig, prms: dict | None = None) -> dict:
             close = getattr(getattr(prm, "engine", None), "close", None)
             if close is not None:
                 close()
+    if summary["trees"] == 0:
+        raise ValueError(f"{cfg.input_dir}: no trees in {', '.join(str(s) for s in shards)} (empty input)")
     summary["seconds"] = round(time.perf_counter() - start, 3)
     summary["scorers"] = {kind: cfg.value_name(kind) for kind in cfg.scorers}
     (out_dir / "score_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
@@ -201,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config_command("sppd-megatron score", ScoreConfig, argv, __doc__, "scorers=[tree,mc]")
         summary = run_scoring(cfg)
-    except (ConfigError, RecordError, FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (*USER_ERRORS, RuntimeError) as exc:  # RuntimeError: an unreachable reward server, said in one line
         return report_error("sppd-megatron score", exc)
     accuracy = summary["correct"] / summary["terminal"] if summary["terminal"] else 0.0
     print(

@@ -58,6 +58,9 @@ class HFPRMConfig:
     """step_tag style: the token whose probability is the step's value."""
     bad_token: str = "-"
     """step_tag style: the competing token."""
+    trust_remote_code: bool = False
+    """Let transformers run the Python files shipped in ``path`` (custom model classes). Off: a PRM
+    directory is data; turn it on by name only for a checkpoint whose code you have read."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_length < 2:
@@ -80,6 +83,16 @@ def _single_token_id(tokenizer, text: str, what: str) -> int:
         if len(ids) == 1 or (candidate != text and ids):
             return ids[-1]
     raise ValueError(f"{what} {text!r} is not a single token for this tokenizer")
+
+
+def _load_pretrained(auto_cls, config: HFPRMConfig, dtype):
+    """``auto_cls.from_pretrained`` of the PRM directory; a damaged one is a ValueError naming it."""
+    try:
+        return auto_cls.from_pretrained(str(config.path), local_files_only=True, dtype=dtype,
+                                        trust_remote_code=config.trust_remote_code)
+    except Exception as exc:  # transformers raises many types for damaged or foreign files
+        first = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise ValueError(f"{config.path}: cannot load the PRM ({type(exc).__name__}: {first})") from None
 
 
 class _TransformersPRM(BatchedPRM):
@@ -174,7 +187,7 @@ class ValueHeadPRM(_TransformersPRM):
 
         path = Path(config.path)
         dtype = getattr(torch, config.dtype)
-        backbone = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=dtype)
+        backbone = _load_pretrained(AutoModel, config, dtype)
         tensors = {}
         for file in sorted(path.glob("*.safetensors")):
             with safe_open(str(file), framework="pt") as fh:
@@ -220,9 +233,7 @@ class StepTagPRM(_TransformersPRM):
 
         from sppd_megatron.tokenization import load_tokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(
-            config.path, local_files_only=True, dtype=getattr(torch, config.dtype)
-        )
+        model = _load_pretrained(AutoModelForCausalLM, config, getattr(torch, config.dtype))
         tokenizer = load_tokenizer(config.tokenizer or config.path)
         return cls(model.to(_resolve_device(config.device)), tokenizer, config)
 

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import torch
 
+from sppd_megatron import faults
 from sppd_megatron.conversion import mcore_checkpoint as mcore
+from sppd_megatron.conversion.errors import ConversionError
 from sppd_megatron.models.config import ModelConfig
 from sppd_megatron.parallel.state import barrier, is_rank0
 
@@ -44,8 +46,15 @@ def latest_step(root: Path) -> int | None:
     marker = root / "latest"
     if not marker.is_file():
         return None
-    step = int(marker.read_text().strip())
-    return step if (iter_dir(root, step) / STATE_FILE).is_file() else None
+    text = marker.read_bytes()[:64].decode("utf-8", "replace").strip()
+    if not text.isdigit():  # written atomically, so this is damage, not a kill
+        raise ConversionError(f"{marker}: holds {text!r}, not a step number; write the newest complete "
+                              "iteration's number into it (or delete it to start again)")
+    step = int(text)
+    if not (iter_dir(root, step) / STATE_FILE).is_file():  # `latest` moves only after the state file is there
+        raise ConversionError(f"{marker}: points at iteration {step}, which has no {STATE_FILE}; write the newest "
+                              "complete iteration's number into it (or delete it to start again)")
+    return step
 
 
 def save(root: Path, step: int, model, optimizer, model_cfg: ModelConfig, tokenizer_spec: str,
@@ -55,14 +64,17 @@ def save(root: Path, step: int, model, optimizer, model_cfg: ModelConfig, tokeni
         shutil.rmtree(target)  # a partial save from a killed run
     barrier()
     mcore.save_model_checkpoint(model, target, model_cfg, tokenizer_spec, source=f"train step {step}")
+    faults.hit("ckpt.model", target / OPTIMIZER_SUBDIR)
     mcore.save_sharded_state_dict(
         optimizer.sharded_state_dict(model.sharded_state_dict(), metadata=OPTIMIZER_METADATA), target / OPTIMIZER_SUBDIR
     )
+    faults.hit("ckpt.state", target / STATE_FILE)
     barrier()
     if is_rank0():
         tmp = target / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps({"step": step, **trainer_state}, indent=1, sort_keys=True))
         os.replace(tmp, target / STATE_FILE)
+        faults.hit("ckpt.latest", root / "latest")
         marker_tmp = root / "latest.tmp"
         marker_tmp.write_text(str(step))
         os.replace(marker_tmp, root / "latest")
@@ -75,7 +87,17 @@ def save(root: Path, step: int, model, optimizer, model_cfg: ModelConfig, tokeni
 
 
 def read_trainer_state(root: Path, step: int) -> dict:
-    return json.loads((iter_dir(root, step) / STATE_FILE).read_text())
+    path = iter_dir(root, step) / STATE_FILE
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, OSError) as exc:
+        raise ConversionError(f"{path}: unreadable ({exc}); the checkpoint is damaged, point `latest` at an "
+                              "earlier complete one") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(
+            state.get("scheduler"), dict):
+        raise ConversionError(f"{path}: not a trainer state (step, scheduler...); the checkpoint is damaged, "
+                              "point `latest` at an earlier complete one")
+    return state
 
 
 def load(root: Path, step: int, model, optimizer, model_cfg: ModelConfig) -> dict:
@@ -85,13 +107,13 @@ def load(root: Path, step: int, model, optimizer, model_cfg: ModelConfig) -> dic
     target = iter_dir(root, step)
     _prepare_distributed_optimizer_for_load(optimizer)  # before the model: it takes a (no-op) step
     _give_sgd_a_state_initialiser(optimizer)
+    trainer_state = read_trainer_state(root, step)
     mcore.load_model_checkpoint(model, target, model_cfg)
     sharded = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True, metadata=OPTIMIZER_METADATA)
-    loaded = dist_checkpointing.load(sharded, str(target / OPTIMIZER_SUBDIR))
+    loaded = mcore.load_dist_checkpoint(dist_checkpointing.load, sharded, target / OPTIMIZER_SUBDIR)
     with torch.no_grad():  # fp32 main params of the distributed optimizer are views of leaf parameters
         optimizer.load_state_dict(loaded)
-    trainer_state = read_trainer_state(root, step)
-    _restore_step_counts(optimizer, trainer_state["step"])
+    _restore_step_counts(optimizer, trainer_state["step"] - int(trainer_state.get("skipped_steps", 0)))
     return trainer_state
 
 
@@ -138,8 +160,8 @@ def _restore_step_counts(optimizer, step: int) -> None:
 
     megatron-core 0.16's DistributedOptimizer (without TE/Apex) restores ``step`` as one tensor shared
     by all parameters, from the state it had before loading (measured: 1 after the dummy init, not the
-    saved count); torch's Adam then increments the shared tensor once per parameter. Every training
-    step is one successful optimizer step (a failed one stops the run), so the count is the step.
+    saved count); torch's Adam then increments the shared tensor once per parameter. The count is the
+    steps taken minus those skipped for non-finite numbers (``on_nonfinite: skip``).
     """
     for opt in _inner_optimizers(optimizer):
         inner = getattr(opt, "optimizer", None)

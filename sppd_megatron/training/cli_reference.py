@@ -11,10 +11,9 @@ With ``data.overlong=drop`` the records left out are not written; they are liste
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
 
-from sppd_megatron.config import ConfigError, load_config
+from sppd_megatron.config import USER_ERRORS, ConfigError, load_config, report_error
 from sppd_megatron.training.config import TrainConfig
 
 
@@ -54,9 +53,8 @@ def main(argv: list[str]) -> int:
                 rec.ref_chosen_logp, rec.ref_rejected_logp = chosen, rejected
             n = write_jsonl(args.out, records)
             print(f"wrote {n} pairs with reference log-probs to {args.out}")
-    except (ConfigError, tdata.DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return report_error("sppd-megatron precompute-ref", exc)
     finally:
         pstate.destroy()
     return 0

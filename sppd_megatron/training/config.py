@@ -181,6 +181,12 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A step whose loss or any gradient is NaN/inf on any rank (found before the optimizer step, on
+    every rank): ``stop`` ends the run with one line naming the step and the quantity (no weight is
+    changed; resume from the last checkpoint); ``skip`` leaves the weights and the learning-rate
+    schedule as they were, uses up the step's data and counts it (``skipped_steps`` in metrics.jsonl).
+    May change between a run and its resumption. A checkpoint never holds a non-finite weight."""
 
     def __post_init__(self) -> None:
         if not self.data.train_file:

@@ -171,7 +171,7 @@ def read_examples(path: str | Path, stage: str, tokenizer, max_length: int, voca
             break
     if errors:
         more = " (stopped after the first 10)" if len(errors) >= MAX_REPORTED_ERRORS else ""
-        raise DataError(f"bad training data in {path}{more}:\n" + "\n".join(errors))
+        raise DataError(f"bad training data in {path}{more}: " + "; ".join(errors))
     if rejects is not None:
         _report_overlong(path, rejects, overlong, dropped, truncated, max_length)
     if not kept:

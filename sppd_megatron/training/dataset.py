@@ -142,7 +142,8 @@ class TokenizedDataset:
         if not np.isfinite(self.ref_logps).all():
             bad = int(np.argmax(~np.isfinite(self.ref_logps)))
             example = int(np.searchsorted(self.a["example_row"], bad, side="right")) - 1
-            raise DataError(f"{self.where(example)}: reference log-prob {self.ref_logps[bad]} is not finite")
+            raise DataError(f"{self.where(example)}: the initial policy's reference log-prob {self.ref_logps[bad]} is not finite "
+                            "(the init weights or this record are broken)")
 
 
 def training_dataset(cfg, tokenizer, vocab_size: int, need_values: bool) -> TokenizedDataset:

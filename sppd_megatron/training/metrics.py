@@ -30,6 +30,29 @@ def reduce_reports(reports: list[dict]) -> dict[str, float]:
     return result
 
 
+def _metric_lines(path: Path) -> list[tuple[str, int]]:
+    """``(line, step)`` of each row; a torn last line (killed mid-write) is left out, any other bad line is
+    an error naming the file and line."""
+    from sppd_megatron.records import RecordError
+
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    rows = []
+    for lineno, raw in enumerate(complete.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+            step = row["step"]
+            if not isinstance(step, int):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            raise RecordError("not a metrics row with an integer 'step' (move the file away to start it again)",
+                              path, lineno) from None
+        rows.append((raw.decode("utf-8"), step))
+    return rows
+
+
 class MetricsWriter:
     """metrics.jsonl (append, one line per step, resumable) + TensorBoard, on rank 0 only."""
 
@@ -40,8 +63,8 @@ class MetricsWriter:
             return
         self.path = out_dir / "metrics.jsonl"
         if self.path.exists():  # drop lines past the checkpoint we resume from
-            kept = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in kept))
+            kept = [line for line, step in _metric_lines(self.path) if step <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
         self.fh = self.path.open("a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from sppd_megatron.models.config import ModelConfig, model_config_from_hf
+from sppd_megatron.models.config import ModelConfig
 from sppd_megatron.tokenization import CHAR_TOKENIZER_SPEC
 from sppd_megatron.training.config import TrainConfig
 
@@ -28,7 +28,10 @@ def _model_and_tokenizer_spec(cfg: TrainConfig) -> tuple[ModelConfig, str]:
     if init.source == "random":
         return cfg.model, cfg.data.tokenizer or CHAR_TOKENIZER_SPEC
     if init.source == "hf":
-        model_cfg = model_config_from_hf(init.path)
+        from sppd_megatron.conversion.hf_io import check_hf_weights, read_hf_config
+
+        _, model_cfg = read_hf_config(init.path)
+        check_hf_weights(init.path, model_cfg)  # before any rank allocates a model of config.json's size
         return model_cfg, cfg.data.tokenizer or init.path
     from sppd_megatron.conversion.mcore_checkpoint import checkpoint_tokenizer_spec, read_checkpoint_model_config
 
@@ -77,7 +80,7 @@ def wrap_ddp(model, cfg: TrainConfig):
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-        check_for_nan_in_grad=True,
+        check_for_nan_in_grad=False,  # training.guards checks loss and gradients on every rank, before the step
         average_in_collective=False,
     )
     return DistributedDataParallel(config=model.config, ddp_config=ddp_cfg, module=model)

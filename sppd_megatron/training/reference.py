@@ -16,10 +16,12 @@ from pathlib import Path
 
 import torch
 
+from sppd_megatron import faults
 from sppd_megatron.config import config_to_dict
 from sppd_megatron.parallel import state as pstate
 from sppd_megatron.training.batching import dp_rank_and_size, microbatches_of, run_forward_backward
 from sppd_megatron.training.config import TrainConfig
+from sppd_megatron.training.data import DataError
 from sppd_megatron.training.forward import make_logp_step
 
 
@@ -79,6 +81,7 @@ def attach_reference(model, dataset, cfg: TrainConfig, pad_id: int, vocab_size: 
     if stored is None:
         stored = reference_logps(model, dataset, cfg, pad_id, vocab_size)
         if pstate.is_rank0():
+            faults.hit("train.reference", path)
             tmp = path.with_suffix(".tmp")
             with tmp.open("w") as fh:
                 fh.write(json.dumps({"fingerprint": fingerprint, "count": len(stored)}) + "\n")
@@ -90,13 +93,41 @@ def attach_reference(model, dataset, cfg: TrainConfig, pad_id: int, vocab_size: 
 
 
 def _read_reference_file(path: Path, fingerprint: str, count: int) -> list[list[float]] | None:
+    """The stored values when ``path`` was written for this data and init (None: compute them again).
+
+    The file is written atomically, so a bad line is damage, and finite numbers are checked as for
+    any record read from a file: both stop the run naming the file and line.
+    """
     if not path.is_file():
         return None
-    lines = path.read_text().splitlines()
-    head = json.loads(lines[0])
-    if head.get("fingerprint") != fingerprint or head.get("count") != count or len(lines) != count + 1:
-        return None
-    return [json.loads(line)["ref_logps"] for line in lines[1:]]
+    lines = path.read_bytes().split(b"\n")
+    lines = lines[:-1] if lines and not lines[-1] else lines
+
+    def bad(line: int, why: str) -> DataError:
+        return DataError(f"{path}:{line}: {why}; this file holds the initial policy's reference log-probs, "
+                         "delete it to compute them again")
+
+    try:
+        head = json.loads(lines[0].decode("utf-8"))
+        if head.get("fingerprint") != fingerprint or head.get("count") != count or len(lines) != count + 1:
+            return None
+    except (ValueError, AttributeError, IndexError):
+        raise bad(1, "not the header of a reference log-prob file") from None
+    values = []
+    for i, raw in enumerate(lines[1:], 2):
+        try:
+            row = json.loads(raw.decode("utf-8"))
+            if set(row) != {"index", "where", "ref_logps"} or row["index"] != i - 2 or not isinstance(row["where"], str):
+                raise KeyError
+            v = row["ref_logps"]
+            ok = isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                              and math.isfinite(x) for x in v)
+        except (ValueError, KeyError, TypeError):
+            raise bad(i, "not a reference log-prob row") from None
+        if not ok:
+            raise bad(i, f"reference log-probs {str(v)[:80]} are not two finite numbers")
+        values.append(v)
+    return values
 
 
 def _data_fingerprint(cfg: TrainConfig) -> str:

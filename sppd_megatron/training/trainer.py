@@ -16,18 +16,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import signal
 import time
 from pathlib import Path
 
 import torch
 
+from sppd_megatron import faults
 from sppd_megatron.config import ConfigError, config_to_dict
 from sppd_megatron.parallel import state as pstate
 from sppd_megatron.tokenization import load_tokenizer
 from sppd_megatron.training import checkpoint as ckpt
 from sppd_megatron.training import data as tdata
+from sppd_megatron.training import guards
 from sppd_megatron.training.batching import ExampleOrder, dp_rank_and_size, microbatches, run_forward_backward
 from sppd_megatron.training.config import TrainConfig
 from sppd_megatron.training.dataset import training_dataset
@@ -43,7 +43,9 @@ PREFERENCE_STAGES = ("dpo", "step_dpo", "svpo")
 def config_fingerprint(cfg: TrainConfig) -> str:
     d = config_to_dict(cfg)
     d.pop("parallel", None)  # a run may resume on another layout
+    d.pop("output_dir", None)  # or from a directory that was moved
     d.pop("logging", None)
+    d.pop("on_nonfinite", None)  # a run stopped by a NaN may resume with skip
     d["checkpoint"] = {k: v for k, v in d["checkpoint"].items() if k not in ("save_interval", "keep_last")}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -53,6 +55,7 @@ def train(cfg: TrainConfig) -> dict:
     from megatron.core.distributed import finalize_model_grads
 
     out_dir = Path(cfg.output_dir)
+    faults.set_label(cfg.stage)
     pstate.initialize(cfg.parallel, seed=cfg.schedule.seed)
     model_cfg, tokenizer_spec = resolve_model_and_tokenizer(cfg)
     model_cfg.check_parallel(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
@@ -61,7 +64,7 @@ def train(cfg: TrainConfig) -> dict:
     examples = training_dataset(cfg, tokenizer, model_cfg.vocab_size, need_values)
     too_big = oversized(examples, cfg.data.packing, cfg.data.pack_length)
     if too_big:
-        raise tdata.DataError(f"bad training data in {cfg.data.train_file}:\n" + "\n".join(too_big[:10]))
+        raise tdata.DataError(f"bad training data in {cfg.data.train_file}: " + "; ".join(too_big[:10]))
     dp_size = dp_rank_and_size()[1]
     gbs = cfg.schedule.global_batch_size
     per_rank = cfg.schedule.micro_batch_size if cfg.data.packing == "none" else 1
@@ -101,7 +104,7 @@ def train(cfg: TrainConfig) -> dict:
 
     ckpt_root = out_dir / "checkpoints"
     fingerprint = config_fingerprint(cfg)
-    start_step = 0
+    start_step = skipped = 0
     resume = ckpt.latest_step(ckpt_root) if cfg.checkpoint.resume else None
     if resume is not None:
         if ckpt.read_trainer_state(ckpt_root, resume).get("config_fingerprint") != fingerprint:
@@ -111,7 +114,7 @@ def train(cfg: TrainConfig) -> dict:
             )
         state = ckpt.load(ckpt_root, resume, unwrap(ddp_model), optimizer, model_cfg)
         scheduler.load_state_dict(state["scheduler"])
-        start_step = resume
+        start_step, skipped = resume, state.get("skipped_steps", 0)
     writer = MetricsWriter(out_dir, cfg.logging.tensorboard, start_step)
     step_fn = make_forward_step(cfg.stage, cfg.loss, model_cfg.vocab_size)
     logp_fn = make_logp_step(model_cfg.vocab_size)
@@ -127,10 +130,20 @@ def train(cfg: TrainConfig) -> dict:
         ddp_model.zero_grad_buffer()
         optimizer.zero_grad()
         reports = run_forward_backward(ddp_model, step_fn, batches, cfg, forward_only=False)
-        ok, grad_norm, _ = optimizer.step()
-        if not ok:
-            raise RuntimeError(f"step {step}: optimizer step failed (non-finite gradients)")
-        scheduler.step(increment=1)
+        if faults.hit("train.grad") == "nan":
+            guards.poison_gradient(ddp_model)
+        problem = guards.nonfinite_quantity(ddp_model, reports)
+        if problem is not None and cfg.on_nonfinite == "stop":
+            raise guards.NonFiniteStep(guards.stop_message(step, problem, _last_checkpoint(ckpt_root)))
+        grad_norm = None
+        if problem is None:
+            ok, grad_norm, _ = optimizer.step()
+            if not ok:
+                raise guards.NonFiniteStep(guards.stop_message(step, "the optimizer found non-finite gradients",
+                                                               _last_checkpoint(ckpt_root)))
+            scheduler.step(increment=1)
+        else:  # on_nonfinite=skip: no update, no schedule step; the step's data is used up all the same
+            skipped += 1
         metrics = reduce_reports(reports)
         last = {
             "step": step,
@@ -140,9 +153,12 @@ def train(cfg: TrainConfig) -> dict:
             "examples": step * gbs,
             "step_time_s": round(time.time() - t0, 4),
             **{k: v for k, v in metrics.items() if k not in ("tokens",)},
+            "skipped_steps": skipped,
+            **({"skipped": problem} if problem is not None else {}),
         }
         if torch.cuda.is_available():
             last["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 4)
+        faults.hit("train.metrics", writer.path if writer.enabled else None)
         writer.write(last)
         if progress is not None:
             progress.update(1)
@@ -150,17 +166,22 @@ def train(cfg: TrainConfig) -> dict:
         interval = cfg.checkpoint.save_interval
         if (interval and step % interval == 0) or (step == train_steps and cfg.checkpoint.save_final):
             _sync_params(ddp_model, cfg, resume_overlap=step < train_steps)
+            guards.check_weights(unwrap(ddp_model), step, _last_checkpoint(ckpt_root))
             ckpt.save(ckpt_root, step, unwrap(ddp_model), optimizer, model_cfg, str(tokenizer_spec),
-                      {"scheduler": scheduler.state_dict(), "config_fingerprint": fingerprint},
+                      {"scheduler": scheduler.state_dict(), "config_fingerprint": fingerprint,
+                       "skipped_steps": skipped},
                       keep_last=cfg.checkpoint.keep_last)
-        if os.environ.get("SPPD_KILL_AFTER_STEP") == str(step):
-            # Test hook: die like a node failure (SIGKILL: no cleanup, no flush beyond what was fsynced).
-            os.kill(os.getpid(), signal.SIGKILL)
+        faults.hit("train.step")
     if progress is not None:
         progress.close()
     writer.close()
     _sync_params(ddp_model, cfg, resume_overlap=False)
     return last
+
+
+def _last_checkpoint(root: Path) -> str:
+    step = ckpt.latest_step(root)
+    return f"the last checkpoint is {ckpt.iter_dir(root, step)}" if step is not None else "no checkpoint was written yet"
 
 
 def _sync_params(ddp_model, cfg: TrainConfig, resume_overlap: bool) -> None:

@@ -32,13 +32,13 @@ def make_tiny_hf(out: Path, name: str) -> Path:
 
 
 def one_line_error(capsys, argv: list[str]) -> str:
-    """``convert ARGV`` fails with exit status 2 and one line, ``error: ...``; returns that line."""
+    """``convert ARGV`` fails with exit status 2 and one line, ``sppd-megatron convert: error: ...``; returns it."""
     from sppd_megatron.conversion.cli import main as convert
 
     assert convert(argv) == 2
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert len(lines) == 1 and lines[0].startswith("sppd-megatron convert: error: "), err
     return lines[0]
 
 

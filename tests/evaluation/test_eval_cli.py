@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from sppd_megatron.evaluation.cli import EXPORT_DIR, EXPORT_STAMP, main
-from sppd_megatron.evaluation.harness import KILL_AFTER_ENV
 from sppd_megatron.records import Prediction, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,7 +65,7 @@ def test_resume_after_kill_gives_the_same_files(tiny_hf, tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert main(eval_args(tiny_hf, full, *common)) == 0
 
-    env = {**os.environ, KILL_AFTER_ENV: "4", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "SPPD_FAULT": "eval.question:5", "PYTHONPATH": str(ROOT)}  # dies before its 5th
     proc = subprocess.run([sys.executable, "-m", "sppd_megatron", "eval", *eval_args(tiny_hf, killed, *common)],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]

@@ -21,7 +21,12 @@ cache. ``TokensPrompt`` is a TypedDict, so a plain dict. (``./run test-vllm`` ru
 from __future__ import annotations
 
 import asyncio
+import json
+import math
+import os
 import random
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -41,8 +46,38 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+class EngineFaults:
+    """What the fakes do on their n-th call (counted over every engine built, 1-based): ``die``, ``hang``,
+    ``garbage``; ``from_call`` makes one fault permanent from that call on. The count lives in a file so
+    that vLLM's child processes, each a new one after a restart, share it."""
+
+    def __init__(self, path: Path, script: dict[int, str] | None = None, from_call: tuple[int, str] | None = None):
+        self.path = Path(path)
+        self.path.write_text(json.dumps({"calls": 0, "script": {str(k): v for k, v in (script or {}).items()},
+                                         "from": list(from_call) if from_call else None}))
+
+    @staticmethod
+    def next(path: str | Path | None) -> str | None:
+        """Count one call; the fault due on it, if any."""
+        if path is None:
+            return None
+        state = json.loads(Path(path).read_text())
+        state["calls"] += 1
+        Path(path).write_text(json.dumps(state))
+        if state["from"] and state["calls"] >= state["from"][0]:
+            return state["from"][1]
+        return state["script"].get(str(state["calls"]))
+
+
 class FakeSGLangEngine:
-    """``sglang.Engine``: data-parallel replicas, each with its own radix cache."""
+    """``sglang.Engine``: data-parallel replicas, each with its own radix cache.
+
+    Faults (``fault_file``, see EngineFaults), as SGLang shows them: a dead scheduler makes every call of
+    the engine raise (the TokenizerManager's "scheduler is dead" error); a hung one never answers;
+    garbage is a ``meta_info`` whose log-probs are not numbers.
+    """
+
+    fault_file: str | None = None
 
     def __init__(self, **server_args):
         self.server_args = server_args
@@ -65,6 +100,12 @@ class FakeSGLangEngine:
 
     async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob=False,
                              routed_dp_rank=None, data_parallel_rank=None, rid=None):
+        fault = EngineFaults.next(self.fault_file)
+        if fault == "die" or getattr(self, "dead", False):
+            self.dead = True
+            raise RuntimeError("Rank 0 scheduler is dead. Please check if there are relevant logs.")
+        if fault == "hang":
+            await asyncio.sleep(3600)
         rank = self._resolve_routed_dp_rank(routed_dp_rank, data_parallel_rank)
         if self.deterministic:
             torch.tensor([p.get("sampling_seed", 42) for p in sampling_params], dtype=torch.int32)
@@ -76,6 +117,10 @@ class FakeSGLangEngine:
                 self.round_robin_counter = (self.round_robin_counter + 1) % self.dp_size
             outputs.append(self._one(replica, list(ids), params, return_logprob))
             await asyncio.sleep(0)
+        if fault == "garbage":
+            for out in outputs:
+                out["meta_info"]["output_token_logprobs"] = [(math.nan, t, None) for _, t, _ in
+                                                             out["meta_info"]["output_token_logprobs"]]
         return outputs
 
     def _one(self, replica: int, ids: list[int], params: dict, return_logprob: bool) -> dict:
@@ -119,12 +164,13 @@ class FakeSGLangEngineOldName(FakeSGLangEngine):
                                             data_parallel_rank=data_parallel_rank, rid=rid)
 
 
-def fake_sglang(engine_cls=FakeSGLangEngine):
-    """A stand-in for the ``sglang`` module, keeping every Engine it builds."""
+def fake_sglang(engine_cls=FakeSGLangEngine, fault_file: str | Path | None = None):
+    """A stand-in for the ``sglang`` module, keeping every Engine it builds (with ``fault_file``'s faults)."""
     built: list[FakeSGLangEngine] = []
 
     def build(**server_args):
         built.append(engine_cls(**server_args))
+        built[-1].fault_file = str(fault_file) if fault_file else None
         return built[-1]
 
     return SimpleNamespace(Engine=build, built=built)
@@ -138,11 +184,17 @@ class FakeSamplingParams:
 
 
 class FakeLLM:
-    """``vllm.LLM``: answers every prompt with two tokens that depend on the request's seed."""
+    """``vllm.LLM``: answers every prompt with two tokens that depend on the request's seed.
+
+    ``fake_fault_file`` (through ``engine.extra``) scripts faults as vLLM shows them: ``die`` ends the
+    child process mid-request (a GPU fault, the OOM killer), ``hang`` never returns, ``garbage`` gives
+    log-probs that are not numbers.
+    """
 
     def __init__(self, **engine_args):
         if engine_args["model"] == "missing":
             raise OSError("missing is not a local folder and is not a valid model identifier")
+        self.fault_file = engine_args.pop("fake_fault_file", None)
         self.engine_args = engine_args
         self.seen: list[list[int]] = []
 
@@ -151,6 +203,11 @@ class FakeLLM:
         return True
 
     def generate(self, prompts, sampling_params, use_tqdm=True):
+        fault = EngineFaults.next(self.fault_file)
+        if fault == "die":
+            os._exit(1)
+        if fault == "hang":
+            time.sleep(3600)
         outputs = []
         for prompt, params in zip(prompts, sampling_params):
             ids = prompt["prompt_token_ids"]
@@ -158,7 +215,7 @@ class FakeLLM:
             self.seen.append(list(ids))
             rng = random.Random(params.seed)
             tokens = [rng.randrange(3, 90) for _ in range(min(2, params.max_tokens))]
-            logprobs = [{t: SimpleNamespace(logprob=-rng.random())} for t in tokens]
+            logprobs = [{t: SimpleNamespace(logprob=math.nan if fault == "garbage" else -rng.random())} for t in tokens]
             completion = SimpleNamespace(token_ids=tokens, logprobs=logprobs, text="".join(map(chr, tokens)),
                                          finish_reason="length", stop_reason=None)
             outputs.append(SimpleNamespace(outputs=[completion], num_cached_tokens=cached))

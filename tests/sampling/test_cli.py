@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from sppd_megatron.records import Tree, read_jsonl
-from sppd_megatron.sampling.cli import KILL_AFTER_ENV, main
+from sppd_megatron.sampling.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -65,7 +65,7 @@ def test_killed_run_resumes_to_the_same_shards(config_file, tmp_path):
     reference = tmp_path / "reference"
     assert main([str(config_file), f"output_dir={reference}"]) == 0
 
-    env = {**os.environ, KILL_AFTER_ENV: "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "SPPD_FAULT": "sample.tree:2", "PYTHONPATH": str(ROOT)}  # dies before its 2nd tree
     killed = subprocess.run([sys.executable, "-m", "sppd_megatron.cli", "sample", str(config_file)],
                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr

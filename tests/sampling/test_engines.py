@@ -154,7 +154,7 @@ def test_sglang_sends_every_request_of_a_question_to_one_replica(sglang_module, 
     # SGLang's own round-robin (no routing) scatters a question's rounds over the replicas: the same
     # trees, and more than twice the context tokens computed again.
     scattered = build_engine(cfg, "/models/policy", tokenizer, tokenizer_path="builtin:char")
-    monkeypatch.setattr(scattered, "_replica", lambda affinity: None)
+    monkeypatch.setattr(scattered._engine, "_replica", lambda affinity: None)  # the server engine inside the retries
     baseline, baseline_trees = _sample_with(scattered, tokenizer, template)
     assert [t.nodes for t in baseline_trees] == [t.nodes for t in trees]
     assert any(cached < len(ids) - 1 for reqs in by_question(sglang_module.built[1].routed).values()

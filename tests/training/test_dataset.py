@@ -1,9 +1,6 @@
 """The memory-mapped training set: the same examples as reading the file, built once, rebuilt when stale."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

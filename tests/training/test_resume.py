@@ -36,7 +36,7 @@ def runs(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"resume-{request.param}")
     full = _train(tmp / "full", optimizer=request.param)
     assert full.returncode == 0, full.stderr[-3000:]
-    killed = _train(tmp / "killed", env={"SPPD_KILL_AFTER_STEP": "3"}, optimizer=request.param)
+    killed = _train(tmp / "killed", env={"SPPD_FAULT": "train.step:3"}, optimizer=request.param)
     assert killed.returncode == -9, killed.stderr[-3000:]
     return tmp, request.param
 
@@ -71,7 +71,7 @@ def test_distributed_optimizer_resume_under_torchrun(tmp_path):
             "parallel.use_distributed_optimizer=true", "logging.progress=false"]
     torchrun([*args, f"output_dir={tmp_path / 'full'}"], nproc=2, cwd=REPO)
     killed = torchrun([*args, f"output_dir={tmp_path / 'killed'}"], nproc=2, cwd=REPO, check=False,
-                      env={"SPPD_KILL_AFTER_STEP": "3"})
+                      env={"SPPD_FAULT": "train.step:3"})
     assert killed.returncode != 0
     torchrun([*args, f"output_dir={tmp_path / 'killed'}"], nproc=2, cwd=REPO)
     full, resumed = _metrics(tmp_path / "full"), _metrics(tmp_path / "killed")

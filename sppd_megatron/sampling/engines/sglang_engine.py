@@ -109,7 +109,7 @@ class SGLangEngine:
 
     def __init__(self, model_path: str, tokenizer_path: str | None = None, tp_size: int = 1, dp_size: int = 1,
                  mem_fraction: float = 0.85, dtype: str = "auto", deterministic: bool = True,
-                 extra: dict[str, Any] | None = None):
+                 extra: dict[str, Any] | None = None, request_timeout_s: float | None = None):
         sglang = _import_sglang()
         kwargs = dict(model_path=model_path, tokenizer_path=tokenizer_path or model_path, tp_size=tp_size,
                       dp_size=dp_size, mem_fraction_static=mem_fraction, dtype=dtype, **(extra or {}))
@@ -121,6 +121,7 @@ class SGLangEngine:
         self._engine = sglang.Engine(**kwargs)
         self.dp_size = dp_size
         self.deterministic = deterministic
+        self.request_timeout_s = request_timeout_s
         self._rank_keyword = _dp_rank_keyword(self._engine) if dp_size > 1 else None
         self._replica_of: dict[str, int] = {}
         self._next_replica = 0
@@ -156,8 +157,16 @@ class SGLangEngine:
                 for rank, indices in batches.items()
             ))
 
+        async def dispatch_in_time():
+            # A hung scheduler never answers; cancelling the calls aborts their requests in SGLang.
+            try:
+                return await asyncio.wait_for(dispatch(), self.request_timeout_s)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"SGLang did not answer within engine.request_timeout_s="
+                                   f"{self.request_timeout_s:g} s") from None
+
         results: list[Generation | None] = [None] * len(requests)
-        for indices, outputs in zip(batches.values(), self._engine.loop.run_until_complete(dispatch())):
+        for indices, outputs in zip(batches.values(), self._engine.loop.run_until_complete(dispatch_in_time())):
             for i, output in zip(indices, outputs):
                 results[i] = generation_from_sglang(output)
         return results

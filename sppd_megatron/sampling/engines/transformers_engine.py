@@ -40,8 +40,34 @@ def load_causal_lm(spec: str, tokenizer, device: str = "cpu", dtype: str = "floa
 
         if not Path(spec).is_dir():
             raise FileNotFoundError(f"model {spec!r}: not 'tiny:<family>' and not a local directory")
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype, local_files_only=True)
+        model = load_hf_causal_lm(spec, torch_dtype)
     return model.to(device=device, dtype=torch_dtype).eval()
+
+
+def load_hf_causal_lm(path: str, torch_dtype):
+    """A local HF causal LM, refused (ConversionError naming the file) unless its files make exactly the
+    model config.json describes: no tensor missing or of another shape is silently initialised at
+    random, and no code shipped with the files runs (``trust_remote_code`` stays off)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from sppd_megatron.conversion.errors import ConversionError
+    from sppd_megatron.conversion.hf_io import check_hf_weights, read_hf_config
+
+    _, model_cfg = read_hf_config(path)  # Llama / Qwen2 (what this project trains and converts)
+    check_hf_weights(path, model_cfg)
+    hf_logging.disable_progress_bar()  # the stages show their own progress; this one would interleave with it
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True,
+                                                           trust_remote_code=False, output_loading_info=True)
+    except Exception as exc:  # transformers raises many types for damaged files
+        first = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise ConversionError(f"{path}: cannot load the model ({type(exc).__name__}: {first})") from None
+    missing = list(info.get("missing_keys") or []) + [str(k) for k in info.get("mismatched_keys") or []]
+    if missing:
+        raise ConversionError(f"{path}: the weights do not make the model config.json describes (missing or "
+                              f"mismatched: {missing[:3]})")
+    return model
 
 
 def _sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,

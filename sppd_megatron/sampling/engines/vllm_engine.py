@@ -167,11 +167,12 @@ class VLLMEngine:
 
     def __init__(self, model_path: str, tokenizer_path: str | None = None, tp_size: int = 1,
                  mem_fraction: float = 0.85, dtype: str = "auto", extra: dict[str, Any] | None = None,
-                 backend: Callable[..., VLLMGenerator] = vllm_generator):
+                 backend: Callable[..., VLLMGenerator] = vllm_generator, request_timeout_s: float | None = None):
         self._kwargs = dict(model=model_path, tokenizer=tokenizer_path or model_path, enable_prefix_caching=True,
                             tensor_parallel_size=tp_size, gpu_memory_utilization=mem_fraction, dtype=dtype,
                             logprobs_mode="raw_logprobs", **(extra or {}))
         self._backend = backend
+        self.request_timeout_s = request_timeout_s
         self.process: multiprocessing.process.BaseProcess | None = None
         self._start()
 
@@ -187,8 +188,8 @@ class VLLMEngine:
         # At interpreter exit this runs before multiprocessing joins its children (which would wait forever).
         self._finalizer = Finalize(self, _stop, args=(self.process, conn), exitpriority=10)
         try:
-            self._receive()  # "ready", or why the LLM could not be built
-        except RuntimeError:
+            self._receive(timeout=None)  # "ready", or why the LLM could not be built (loading may take long)
+        except (RuntimeError, TimeoutError):
             self.close()
             raise
 
@@ -197,7 +198,11 @@ class VLLMEngine:
         self.close()
         return RuntimeError(f"the vLLM child process died (exit status {process.exitcode}); its output went to this process's stderr")
 
-    def _receive(self) -> Any:
+    def _receive(self, timeout: float | None) -> Any:
+        if timeout is not None and not self._conn.poll(timeout):
+            self.process.kill()  # hung: asking it to stop would wait for the request it is stuck in
+            self.close()
+            raise TimeoutError(f"the vLLM child process did not answer within engine.request_timeout_s={timeout:g} s")
         try:
             status, payload = self._conn.recv()
         except (EOFError, OSError):  # EOF, or a reset when the child died with our request unread
@@ -214,7 +219,7 @@ class VLLMEngine:
             self._conn.send(message)
         except OSError:
             raise self._died() from None
-        return self._receive()
+        return self._receive(self.request_timeout_s)
 
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
         return self._call(requests) if requests else []
