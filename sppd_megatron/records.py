@@ -137,6 +137,10 @@ class TreeNode(Record):
     tokens (the root's are the prompt's). ``token_logprobs`` are the sampling engine's;
     ``trainer_logprobs`` the trainer's recomputation where one exists. ``values`` maps a scorer
     name to V(s_t) in [0, 1].
+
+    MCTS trees (``sppd-megatron sample`` with ``algorithm: mcts``) also carry ``visits`` (how many
+    evaluations were backed up through the node) and ``q`` (their mean, in [-1, 1]: +1 a correct
+    terminal, -1 a wrong one); both are None in trees sampled otherwise.
     """
 
     kind: ClassVar[str] = "node"
@@ -153,6 +157,8 @@ class TreeNode(Record):
     correct: bool | None = None
     values: dict[str, float] = field(default_factory=dict)
     trainer_logprobs: list[float] | None = None
+    visits: int | None = None
+    q: float | None = None
 
     def validate(self) -> None:
         if not isinstance(self.node_id, int) or self.node_id < 0:
@@ -169,6 +175,12 @@ class TreeNode(Record):
         _check_finite("mean_logprob", self.mean_logprob)
         for name, v in self.values.items():
             _check_unit(f"values.{name}", v)
+        if self.visits is not None and (not isinstance(self.visits, int) or isinstance(self.visits, bool)
+                                        or self.visits < 0):
+            raise RecordError(f"node {self.node_id}: visits must be a non-negative integer, got {self.visits!r}")
+        _check_finite("q", self.q)
+        if self.q is not None and not -1.0 <= self.q <= 1.0:
+            raise RecordError(f"node {self.node_id}: q={self.q} is outside [-1, 1]")
 
 
 @dataclass
