@@ -1,4 +1,4 @@
-"""The training loop for every stage (sft, dpo, step_dpo, svpo), read top to bottom.
+"""The training loop for every stage (sft, dpo, step_dpo, svpo, prm), read top to bottom.
 
     config -> validate data -> build model -> reference log-probs -> resume -> loop -> save
 
@@ -61,6 +61,7 @@ def train(cfg: TrainConfig) -> dict:
         append_eos=cfg.data.append_eos,
         need_values=cfg.stage == "svpo" or (cfg.stage == "step_dpo" and cfg.loss.margin_mode == "dynamic"),
         overlong=cfg.data.overlong, rejects=out_dir / "rejects.jsonl" if pstate.is_rank0() else None,
+        value_name=cfg.data.value_name,
     )
     too_big = oversized(examples, cfg.data.packing, cfg.data.pack_length)
     if too_big:
