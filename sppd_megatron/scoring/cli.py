@@ -66,6 +66,9 @@ class ScoreConfig:
     """The Monte-Carlo PRM (scorer ``mc``)."""
     value_head: ValueHeadPRMConfig = field(default_factory=ValueHeadPRMConfig)
     """The learned value head (scorer ``value_head``): ``path`` of its checkpoint, ``parallel`` layout."""
+    calibration_label: str | None = None
+    """A ``values`` key (e.g. ``mc``) to judge the other values of the scored trees against: each one's
+    Brier score and AUC of "leads to a correct answer" go to ``score_summary.json`` (``calibration``)."""
     trees_per_batch: int = 8
     """Trees whose trajectories are scored together (one PRM batch / one engine call). Groups are
     fixed by position in the shard, so keep this value when resuming for byte-identical output."""
@@ -205,6 +208,8 @@ def run_scoring(cfg: ScoreConfig, prms: dict | None = None) -> dict:
                     close()
     summary["seconds"] = round(time.perf_counter() - start, 3)
     summary["scorers"] = {kind: cfg.value_name(kind) for kind in cfg.scorers}
+    if cfg.calibration_label:
+        summary["calibration"] = calibration_of(out_dir, [s.name for s in shards], cfg.calibration_label)
     (out_dir / "score_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
 
@@ -219,6 +224,16 @@ def _serves(cfg: ScoreConfig) -> bool:
     from sppd_megatron.training.value_prm import follow
 
     return follow(lambda: build_text_prm("value_head", cfg))
+
+
+def calibration_of(out_dir: Path, shard_names: list[str], label: str) -> dict:
+    """Every value of the scored trees in ``out_dir`` against ``label`` (Brier, AUC; see scoring.calibration)."""
+    from sppd_megatron.records import read_jsonl
+    from sppd_megatron.scoring.calibration import value_calibration
+
+    trees = [t for name in shard_names if (out_dir / name).is_file() for t in read_jsonl(out_dir / name, Tree)]
+    names = sorted({k for t in trees for n in t.nodes for k in n.values} - {label})
+    return {"label": label, "values": {name: value_calibration(trees, name, label) for name in names}}
 
 
 def main(argv: list[str] | None = None) -> int:
