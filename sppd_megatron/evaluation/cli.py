@@ -94,7 +94,7 @@ FLAGS = [
     ("--limit", "limit", int, "first N questions of each benchmark", None),
     ("--out", "output_dir", str, "output directory (resumable)", None),
     ("--orm", "orm.hf.path", str, "PRM checkpoint directory used as the ORM (transformers)", None),
-    ("--orm-type", "orm.hf.style", str, "how the PRM reads step values", ["value_head", "step_tag"]),
+    ("--orm-type", "orm.hf.style", str, "how the PRM reads step values", ["value_head", "step_tag", "qwen_prm"]),
     ("--orm-reduction", "orm.reduction", str, "step values -> one score (default last)", ["last", "min", "mean"]),
     ("--engine", "engine.name", str, "rollout engine", ["transformers", "sglang", "vllm"]),
     ("--max-new-tokens", "max_new_tokens", int, "generation limit per solution (default 2048)", None),

@@ -111,9 +111,9 @@ def input_shards(input_dir: str | Path) -> list[Path]:
 def build_text_prm(kind: str, cfg: ScoreConfig):
     """The PRM object of one text-scorer kind (imports heavy packages only when asked)."""
     if kind == "hf":
-        from sppd_megatron.scoring.hf_prm import StepTagPRM, ValueHeadPRM
+        from sppd_megatron.scoring.hf_prm import HF_PRM_STYLES
 
-        return (ValueHeadPRM if cfg.hf.style == "value_head" else StepTagPRM).from_pretrained(cfg.hf)
+        return HF_PRM_STYLES[cfg.hf.style].from_pretrained(cfg.hf)
     if kind == "sglang":
         from sppd_megatron.scoring.hf_prm import SGLangRewardPRM
 
