@@ -3,6 +3,7 @@
 - its packed, batched scores equal transformers' hidden states of the exported model run one state
   at a time, through the value head's weights (no packing, no Megatron on that side);
 - ``score`` on 2 processes (TP=2, PP=2) writes the values of one process within 1e-5;
+- ``eval`` guides step-level beam search with it, on one process and on two (TP=2), alike;
 - a checkpoint without a value head is refused with a clear message.
 
 ``pytest -s`` prints the measured differences.
@@ -55,10 +56,15 @@ def _values(scored: Path) -> list[float]:
     return [n.values["value_head"] for t in trees for n in t.nodes[1:]]
 
 
-def test_scores_equal_transformers_hidden_states_through_the_head(trained):
-    ckpt = trained / "prm"
+@pytest.fixture(scope="module")
+def exported(trained):
     hf = trained / "hf"
-    _cli("convert", "mcore-to-hf", "--ckpt", str(ckpt / "checkpoints" / "iter_0000003"), "--out", str(hf))
+    _cli("convert", "mcore-to-hf", "--ckpt", str(trained / "prm" / "checkpoints" / "iter_0000003"), "--out", str(hf))
+    return hf
+
+
+def test_scores_equal_transformers_hidden_states_through_the_head(trained, exported):
+    ckpt, hf = trained / "prm", exported
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "training" / "value_prm_worker.py"), str(ckpt),
                            str(hf), str(TREES)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -84,6 +90,29 @@ def test_score_on_two_processes_equals_one(trained):
         assert len(two) == len(one) and diff < 1e-5
         summary = json.loads((trained / name / "score_summary.json").read_text())
         assert summary["scored"] == 8 and summary["scorers"] == {"value_head": "value_head"}
+
+
+def test_eval_beam_search_guided_by_the_value_head(trained, exported):
+    from sppd_megatron.pipeline.problems import make_split
+    from sppd_megatron.records import Prediction, write_jsonl
+
+    bench = trained / "toy.jsonl"
+    write_jsonl(bench, [p.to_prompt("toy") for p in make_split(0, "heldout", 3, 2, 3)])
+    args = ["eval", "--model", str(exported), "--bench", f"toy={bench}", "--modes", "greedy,sbs@2,sbs_vote@2",
+            "--value-model", str(trained / "prm"), "--sbs-expansions", "2", "--max-new-tokens", "24", "--no-progress",
+            "orm.value_head.pack_length=700", "template.use_chat_template=false", "engine.num_threads=1"]
+    _cli(*args, "--out", str(trained / "eval1"))
+    one = list(read_jsonl(trained / "eval1" / "predictions.jsonl", Prediction))
+    assert len(one) == 3 and all(len(p.sbs["2"].generations) >= 1 for p in one)
+    torchrun(["-m", "sppd_megatron", *args, "--out", str(trained / "eval2"),
+              "orm.value_head.parallel.tensor_model_parallel_size=2"], nproc=2, cwd=REPO, timeout=600)
+    two = list(read_jsonl(trained / "eval2" / "predictions.jsonl", Prediction))
+    assert [p.sbs["2"].generations for p in two] == [p.sbs["2"].generations for p in one]
+    diff = max(abs(a - b) for p, q in zip(one, two) for a, b in zip(p.sbs["2"].values, q.sbs["2"].values))
+    print(f"\neval sbs@2 guided by the value-head PRM, TP=2 vs one process: same solutions, values within {diff:.1e}")
+    assert diff < 1e-5
+    summary = json.loads((trained / "eval1" / "summary.json").read_text())
+    assert summary["modes"] == ["greedy", "sbs@2", "sbs_vote@2"]
 
 
 def test_a_checkpoint_without_value_head_is_refused(trained):
