@@ -58,7 +58,12 @@ def run_sampling(cfg: SampleConfig) -> dict:
                 "cached_prefix_tokens": 0, "cache_hit_rate": 0.0, "seconds": 0.0}
 
     engine = build_engine(cfg.engine, cfg.model, tokenizer, tokenizer_path=tokenizer_spec, seed=cfg.seed)
-    sampler = TreeSampler(engine, tokenizer, cfg, template)
+    value_prm = None
+    if cfg.algorithm == "mcts" and cfg.mcts.value_weight > 0:  # AlphaMath's leaf estimate from a value head
+        from sppd_megatron.training.value_prm import MegatronValuePRM, ValueHeadPRMConfig
+
+        value_prm = MegatronValuePRM(ValueHeadPRMConfig(path=cfg.mcts.value_model))
+    sampler = TreeSampler(engine, tokenizer, cfg, template, value_prm=value_prm)
     start_time = time.perf_counter()
     bar = tqdm(total=len(prompts), initial=skipped, unit="q", desc="sample", disable=not cfg.progress,
                file=sys.stderr, dynamic_ncols=True)
@@ -84,6 +89,8 @@ def run_sampling(cfg: SampleConfig) -> dict:
     finally:
         bar.close()
         engine.close()
+        if value_prm is not None:
+            value_prm.close()
     stats = sampler.stats
     summary.update(generated_tokens=stats.generated_tokens, computed_tokens=stats.computed_tokens,
                    context_tokens=stats.context_tokens, cached_prefix_tokens=stats.cached_prefix_tokens,

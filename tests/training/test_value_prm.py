@@ -92,12 +92,20 @@ def test_score_on_two_processes_equals_one(trained):
         assert summary["scored"] == 8 and summary["scorers"] == {"value_head": "value_head"}
 
 
-def test_eval_beam_search_guided_by_the_value_head(trained, exported):
+@pytest.fixture(scope="module")
+def toy_bench(trained):
     from sppd_megatron.pipeline.problems import make_split
-    from sppd_megatron.records import Prediction, write_jsonl
+    from sppd_megatron.records import write_jsonl
 
     bench = trained / "toy.jsonl"
     write_jsonl(bench, [p.to_prompt("toy") for p in make_split(0, "heldout", 3, 2, 3)])
+    return bench
+
+
+def test_eval_beam_search_guided_by_the_value_head(trained, exported, toy_bench):
+    from sppd_megatron.records import Prediction
+
+    bench = toy_bench
     args = ["eval", "--model", str(exported), "--bench", f"toy={bench}", "--modes", "greedy,sbs@2,sbs_vote@2",
             "--value-model", str(trained / "prm"), "--sbs-expansions", "2", "--max-new-tokens", "24", "--no-progress",
             "orm.value_head.pack_length=700", "template.use_chat_template=false", "engine.num_threads=1"]
@@ -124,3 +132,31 @@ def test_a_checkpoint_without_value_head_is_refused(trained):
     assert "has no value head (train it with stage prm or svpo)" in proc.stderr
     proc = _cli(*_score_args(trained, "bad2", f"value_head.path={trained / 'nowhere'}"), check=False)
     assert proc.returncode == 2 and "no sppd-megatron checkpoint" in proc.stderr
+
+
+def test_mcts_mixes_the_value_head_into_leaf_evaluations(trained, toy_bench):
+    """AlphaMath's evaluation: an expanded non-terminal step is worth lambda * (2 V - 1), V the value head's
+    reading of its state; so Q N - sum over children of Q N = lambda (2 V - 1) at every such step."""
+    sample = trained / "mcts-sample.yaml"
+    sample.write_text(json.dumps({
+        "input": str(toy_bench), "output_dir": str(trained / "mcts"), "model": "tiny:llama",
+        "engine": {"num_threads": 1}, "algorithm": "mcts", "K": 6, "C": 2, "max_depth": 3, "max_step_tokens": 6,
+        "max_total_tokens": 18, "mcts": {"max_trees": 1, "value_weight": 0.5, "value_model": str(trained / "prm")},
+        "template": {"use_chat_template": False}, "progress": False}))
+    _cli("sample", str(sample))
+    shard = trained / "mcts" / "trees-00000.jsonl"
+    (trained / "mcts-trees").mkdir()
+    (trained / "mcts-trees" / shard.name).write_bytes(shard.read_bytes())
+    _cli("score", "configs/tiny-cpu/score.yaml", f"input_dir={trained / 'mcts-trees'}",
+         f"output_dir={trained / 'mcts-scored'}", "scorers=[value_head]", f"value_head.path={trained / 'prm'}",
+         "progress=false")
+    checked = 0
+    for tree in read_jsonl(trained / "mcts-scored" / shard.name, Tree):
+        for node in tree.nodes[1:]:
+            kids = tree.children(node.node_id)
+            if node.terminal or not kids:
+                continue
+            own = node.q * node.visits - sum(k.q * k.visits for k in kids)
+            assert own == pytest.approx(0.5 * (2 * node.values["value_head"] - 1), abs=1e-5)
+            checked += 1
+    assert checked >= 3
