@@ -333,15 +333,23 @@ def run_demo(out: Path, size: DemoSize, progress: bool = True, threads: int = 1,
         it["mcts_pairs"] = mcts["pairs"]
         models.append("svpo")
         eval_dirs["svpo"] = out / "mcts" / "iter1" / "eval" / "svpo"
-        scored = calibration_stage(out, size, files["heldout"], base["hf"], _prm_checkpoint(out), threads, progress, log)
+        scored = calibration_stage(out, size, files["heldout"], base["hf"], _final(out / "iter1" / "prm" / "train"),
+                                   threads, progress, log)
+        sbs_check = sbs_greedy_check(mcts_cfg, out, log)
         precision = precision_rows(out)
         calibration = calibration_rows(scored, learned_threshold=0.1)
-        report["demo_svpo"] = {"precision": precision, "calibration": calibration}
+        report["demo_svpo"] = {"precision": precision, "calibration": calibration, "sbs1_vs_greedy": sbs_check}
+        log(f"[sbs@1 check] +SVPO, step-level beam search of width 1 with one (greedy) expansion vs greedy on the "
+            f"{sbs_check['questions']} held-out problems: {sbs_check['same_answer']} same answers, "
+            f"{sbs_check['same_text']} same solutions")
         print_table(it["eval"], f"{title}: accuracy % (correct/n), every model")
         print_rows(PRECISION_HEADER, precision, "Step pairs each process reward gave training, by the arithmetic checker")
         print_rows(CALIBRATION_HEADER, calibration,
                    f"{size.calibration_questions} held-out problems' trees (K=8): each value against Monte-Carlo labels")
-        notes += [f"## Step pairs by the arithmetic step checker (a measuring instrument, never a training signal)", "",
+        notes += [f"sbs@1 with one expansion (the greedy step) against greedy decoding, +SVPO on the "
+                  f"{sbs_check['questions']} held-out problems: {sbs_check['same_answer']} same answers, "
+                  f"{sbs_check['same_text']} same solutions.", "",
+                  f"## Step pairs by the arithmetic step checker (a measuring instrument, never a training signal)", "",
                   markdown(PRECISION_HEADER, precision), "",
                   f"## The learned PRM on {size.calibration_questions} held-out problems' trees (K=8), against "
                   f"Monte-Carlo labels ({size.mc_rollouts} rollouts per state)", "",
@@ -362,10 +370,31 @@ def run_demo(out: Path, size: DemoSize, progress: bool = True, threads: int = 1,
     return report
 
 
-def _prm_checkpoint(out: Path) -> str:
+def sbs_greedy_check(mcts_cfg, out: Path, log) -> dict:
+    """SVPO's held-out set in greedy and sbs@1 with C = 1 (one evaluation, value head loaded): how many
+    answers and solutions are the same (all of them, when beam search with one greedy candidate is greedy)."""
+    from sppd_megatron.config import config_from_dict, config_to_dict
+    from sppd_megatron.pipeline.config import RunConfig
+    from sppd_megatron.pipeline.stages import eval_stage
+    from sppd_megatron.records import Prediction, read_jsonl
+
+    data = config_to_dict(mcts_cfg)
+    data["eval"].update(benchmarks={"heldout": data["eval"]["benchmarks"]["heldout"]}, modes=["greedy"],
+                        sbs_modes=["sbs@1"], sbs_expansions=1)
+    cfg = config_from_dict(RunConfig, data, "demo, sbs@1 check")
+    it = out / "mcts" / "iter1"
+    stage_dir = it / "eval_sbs1" / "svpo"
+    eval_stage(cfg, stage_dir, "svpo", str(it / "svpo" / "hf"), log, value_model=_final(it / "svpo" / "train"))
+    preds = list(read_jsonl(stage_dir / "predictions.jsonl", Prediction))
+    return {"questions": len(preds),
+            "same_answer": sum(p.greedy_answer == p.sbs["1"].answers[0] for p in preds),
+            "same_text": sum(p.greedy_generation == p.sbs["1"].generations[0] for p in preds)}
+
+
+def _final(train_dir: Path) -> str:
     from sppd_megatron.pipeline.stages import final_checkpoint
 
-    return str(final_checkpoint(out / "iter1" / "prm" / "train"))
+    return str(final_checkpoint(train_dir))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -153,6 +153,8 @@ def test_q_converges_to_the_exact_values_of_an_enumerable_policy(tokenizer):
         assert set(TOY_VALUES) <= set(q)
         errors.append(max(abs(q[s] - v) for s, v in TOY_VALUES.items()))
         assert tree.nodes[0].visits == 1 + sum(k.visits for k in tree.children(0))
+    print(f"\nMCTS Q vs the exact values, max abs error after 20/200/2000/10000 simulations: "
+          + ", ".join(f"{e:.3f}" for e in errors))
     assert errors[0] > errors[1] > errors[2] > errors[3] and errors[3] < 0.03, errors
 
 
