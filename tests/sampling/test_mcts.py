@@ -1,20 +1,17 @@
-"""SVPO's MCTS (``sample`` with ``algorithm: mcts``): visit counts, Q, convergence, reproducibility."""
+"""SVPO's MCTS (``sample`` with ``algorithm: mcts``): visit counts, Q, convergence, reproducibility.
+
+Kill and resume of an MCTS ``sample`` run is ``test_cli.py``'s kill test, parametrised over the algorithm.
+"""
 
 from __future__ import annotations
 
 import math
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import yaml
 
 from sppd_megatron.pairs.builders import step_pairs
-from sppd_megatron.records import Prompt, PromptTemplate, Tree, read_jsonl
-from sppd_megatron.sampling.cli import KILL_AFTER_ENV, main
+from sppd_megatron.records import Prompt, PromptTemplate, Tree
 from sppd_megatron.sampling.config import MCTSConfig
 from sppd_megatron.sampling.engines.base import Generation
 from sppd_megatron.sampling.mcts import MCTSTree
@@ -23,7 +20,6 @@ from sppd_megatron.sampling.tree_sampler import TreeSampler
 
 from .helpers import small_config
 
-ROOT = Path(__file__).resolve().parents[2]
 PLAIN = PromptTemplate(system_prompt="", use_chat_template=False, plain_format="Q: {question}\nA: ")
 
 
@@ -167,27 +163,3 @@ def test_trees_do_not_depend_on_the_batch_and_q_feeds_the_pair_builders(tokenize
     assert [t.to_dict() for t in together] == [t.to_dict() for t in alone]
     pairs = [p for t in together for p in step_pairs(t, "mcts_q")]
     assert pairs and all(p.chosen_value - p.rejected_value > 0.5 for p in pairs)
-
-
-def test_killed_mcts_run_resumes_to_the_same_shards(tmp_path, prompts_file):
-    cfg = {"input": str(prompts_file), "output_dir": str(tmp_path / "out"), "model": "tiny:llama",
-           "engine": {"num_threads": 1}, "algorithm": "mcts", "K": 5, "C": 2, "max_depth": 3,
-           "max_step_tokens": 6, "max_total_tokens": 16, "mcts": {"max_trees": 2}, "seed": 3,
-           "questions_per_round": 2, "shard_size": 2, "progress": False}
-    config_file = tmp_path / "sample.yaml"
-    config_file.write_text(yaml.safe_dump(cfg))
-    reference = tmp_path / "reference"
-    assert main([str(config_file), f"output_dir={reference}"]) == 0
-    env = {**os.environ, KILL_AFTER_ENV: "1", "PYTHONPATH": str(ROOT)}
-    killed = subprocess.run([sys.executable, "-m", "sppd_megatron.cli", "sample", str(config_file)],
-                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -9, killed.stderr
-    out = tmp_path / "out"
-    with (out / "trees-00000.jsonl").open("a") as fh:  # as if the kill had hit a write
-        fh.write('{"gold_answer": "3", "id": "gsm8k-te')
-    assert main([str(config_file)]) == 0
-    names = sorted(p.name for p in reference.glob("trees-*.jsonl"))
-    assert names == sorted(p.name for p in out.glob("trees-*.jsonl")) and len(names) == 2
-    assert all((out / n).read_bytes() == (reference / n).read_bytes() for n in names)
-    trees = [t for n in names for t in read_jsonl(out / n, Tree)]
-    assert all(t.sampling["algorithm"] == "mcts" and t.nodes[0].visits > 0 for t in trees)
