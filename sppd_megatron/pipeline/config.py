@@ -212,9 +212,9 @@ class RunConfig:
         for name in TRAIN_STAGES:
             if name in self.stages:
                 self.train_config(name, "<out>", "hf", "<policy>", "<data>")
-        if "prm_score" in self.stages or self.eval.value_heads:
+        if "prm_score" in self.stages or self.eval.value_heads or self.prm_score:
             self.value_score_config("<in>", "<out>", "<checkpoint>")
-        if "prm_pairs" in self.stages:
+        if "prm_pairs" in self.stages or self.prm_pairs:
             self.pairs_config("<in>", "<out>", "<policy>", "value_head")
 
     # --- stage configs ----------------------------------------------------------------------------

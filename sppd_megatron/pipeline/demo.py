@@ -178,7 +178,8 @@ def mcts_overrides(out: Path, size: DemoSize) -> list[str]:
     return [
         f"run_dir={out / 'mcts'}", "sample.algorithm=mcts", "sample.mcts={max_trees: 1}",
         "pairs={value_name: mcts_q, step: {threshold: 0.5}, svpo: {enabled: true, max_pairs_per_question: 4}}",
-        "stages=[sample, score, pairs, svpo, eval]", f"train.svpo.config={_config_file('svpo.yaml')}",
+        "stages=[sample, score, pairs, svpo, eval]", "train.margin_ablation=[]",
+        f"train.svpo.config={_config_file('svpo.yaml')}",
         *(f"train.svpo.overrides.schedule.{key}={size.train_batch}" for key in ("global_batch_size", "micro_batch_size")
           if size.train_batch),
         "eval.models=[svpo]", "eval.value_heads={svpo: svpo}", "eval.sbs_modes=['sbs@3']", "eval.sbs_expansions=2",
