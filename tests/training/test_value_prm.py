@@ -123,11 +123,10 @@ def test_eval_beam_search_guided_by_the_value_head(trained, exported, toy_bench)
     assert summary["modes"] == ["greedy", "sbs@2", "sbs_vote@2"]
 
 
-def test_a_checkpoint_without_value_head_is_refused(trained):
-    # stage sft writes no value head; its checkpoint is an sppd-megatron checkpoint all the same.
-    _cli("train", "configs/tiny-cpu/sft.yaml", f"output_dir={trained / 'sft'}", "schedule.train_steps=1",
-         "logging.progress=false", "logging.tensorboard=false")
-    proc = _cli(*_score_args(trained, "bad", f"value_head.path={trained / 'sft'}"), check=False)
+def test_a_checkpoint_without_value_head_is_refused(trained, exported):
+    # A converted policy has no value head; it is an sppd-megatron checkpoint all the same.
+    _cli("convert", "hf-to-mcore", "--hf", str(exported), "--out", str(trained / "policy"))
+    proc = _cli(*_score_args(trained, "bad", f"value_head.path={trained / 'policy'}"), check=False)
     assert proc.returncode == 2
     assert "has no value head (train it with stage prm or svpo)" in proc.stderr
     proc = _cli(*_score_args(trained, "bad2", f"value_head.path={trained / 'nowhere'}"), check=False)
