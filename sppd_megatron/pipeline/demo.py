@@ -158,7 +158,8 @@ LEARNED_PRM_MODELS = ["step_dpo_prm", "step_dpo_prm_none", "step_dpo_prm_fixed"]
 
 
 def svpo_overrides(size: DemoSize) -> list[str]:
-    """``--with-svpo``, the main run: the learned process reward and step-DPO on its pairs."""
+    """``--with-svpo``, the main run: the learned process reward and step-DPO on its pairs (the recipes'
+    batches, ``size.train_batch`` included, as the default demo's)."""
     return [
         f"stages=[{', '.join(SVPO_STAGES)}]", f"train.prm.config={_config_file('prm.yaml')}",
         # A value head scores siblings close together (its gaps are rarely above 0.2 where the tree
@@ -167,8 +168,6 @@ def svpo_overrides(size: DemoSize) -> list[str]:
         "prm_pairs={step: {threshold: 0.1}}", "prm_score={value_head: {pack_length: 512}, trees_per_batch: 64}",
         "eval.models=[base, sft_prm, dpo_prm, step_dpo, step_dpo_none, step_dpo_fixed, "
         + ", ".join(LEARNED_PRM_MODELS) + "]",
-        *(f"train.prm.overrides.schedule.{key}={size.train_batch}" for key in ("global_batch_size",)
-          if size.train_batch),
     ]
 
 

@@ -201,6 +201,9 @@ def test_qwen_prm_style_equals_the_model_card_computation(qwen_prm_checkpoint):
     batched = prm.score_batch(queries)
     expected = [_qwen_card_rewards(backbone, head, tok, cfg.system_prompt, q) for q in queries]
     assert [len(v) for v in batched] == [2, 1, 4]
+    diff = max(abs(a - b) for a, b in zip(_flat(batched), _flat(expected)))
+    print(f"\nqwen_prm style vs Qwen2.5-Math-PRM's model card computation (numpy head), 7 steps of 3 queries "
+          f"in batches of 2: max abs difference {diff:.1e}")
     assert _flat(batched) == pytest.approx(_flat(expected), abs=1e-6)
     assert max(_flat(batched)) - min(_flat(batched)) > 1e-3  # the head is not constant
 
