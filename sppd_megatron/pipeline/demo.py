@@ -219,6 +219,13 @@ def misconception_breakdown(run_dir: Path, models: list[str], benchmark: str = "
     return rows
 
 
+def calibration_overrides(stage_dir: Path, size: DemoSize, heldout: str, base_hf: str, progress: bool) -> list[str]:
+    """configs/demo/run.yaml as the sampler of the calibration trees: K=8 on the first held-out problems."""
+    return [f"run_dir={stage_dir}", f"policy={base_hf}", f"prompts.path={heldout}",
+            f"prompts.limit={size.calibration_questions}", "sample.K=8", "stages=[sample]", "train.margin_ablation=[]",
+            f"progress={progress}"]
+
+
 def calibration_stage(out: Path, size: DemoSize, heldout: str, base_hf: str, prm_checkpoint: str, threads: int,
                       progress: bool, log) -> Path:
     """Trees of held-out problems (K=8) scored by the tree value, Monte-Carlo rollouts and the learned
@@ -231,9 +238,7 @@ def calibration_stage(out: Path, size: DemoSize, heldout: str, base_hf: str, prm
     from sppd_megatron.scoring.cli import ScoreConfig
 
     stage_dir = out / "prm_heldout"
-    cfg = load_run_config(_config_file("run.yaml"), [
-        f"run_dir={stage_dir}", f"policy={base_hf}", f"prompts.path={heldout}",
-        f"prompts.limit={size.calibration_questions}", "sample.K=8", "stages=[sample]", f"progress={progress}"])
+    cfg = load_run_config(_config_file("run.yaml"), calibration_overrides(stage_dir, size, heldout, base_hf, progress))
     trees = sample_stage(cfg, stage_dir / "sample", base_hf, log)
     engine = config_to_dict(cfg.sample_config(base_hf, "<out>").engine)
     score_cfg = config_from_dict(ScoreConfig, {

@@ -100,15 +100,19 @@ def print_table(evals: dict[str, dict], title: str) -> None:
 
 def pairs_counts(stats: dict) -> dict:
     """What the pairs stage built and what it refused on training's behalf (from ``pairs_stats.json``)."""
-    return {"trees_used": stats["trees_used"], "sft": stats["sft"]["examples"], "dpo": stats["dpo"]["pairs"],
-            "step": stats["step"]["pairs"], "untrainable": stats.get("untrainable", {})}
+    counts = {"trees_used": stats["trees_used"], "sft": stats["sft"]["examples"], "dpo": stats["dpo"]["pairs"],
+              "step": stats["step"]["pairs"], "untrainable": stats.get("untrainable", {})}
+    if "svpo" in stats:  # written only when pairs.svpo.enabled
+        counts["svpo"] = stats["svpo"]["pairs"]
+    return counts
 
 
 def pairs_line(counts: dict) -> str:
     """``SFT-PRM 312, DPO-PRM 198, step pairs 480 from 1024 trees; refused by training ...: DPO-PRM 2, ...``."""
     from sppd_megatron.pairs.cli import untrainable_summary
 
-    line = (f"SFT-PRM {counts['sft']}, DPO-PRM {counts['dpo']}, step pairs {counts['step']} "
+    svpo = f", SVPO pairs {counts['svpo']}" if "svpo" in counts else ""
+    line = (f"SFT-PRM {counts['sft']}, DPO-PRM {counts['dpo']}, step pairs {counts['step']}{svpo} "
             f"from {counts['trees_used']} trees")
     if counts["untrainable"]:
         line += f"; refused by training (in pairs/rejects.jsonl): {untrainable_summary(counts['untrainable'])}"

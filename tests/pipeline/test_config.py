@@ -91,6 +91,9 @@ def test_demo_with_svpo_configs_load(tmp_path):
     assert mcts.sample_config("policy", "out").algorithm == "mcts" and mcts.pairs["value_name"] == "mcts_q"
     assert mcts.eval.value_heads == {"svpo": "svpo"} and mcts.eval.sbs_modes == ["sbs@3"]
     assert mcts.pairs_config("in", "out", "policy").trainable.datasets.keys() == {"svpo"}
+    heldout = load_run_config(demo._config_file("run.yaml"),
+                              demo.calibration_overrides(tmp_path, size, files["heldout"], "policy", False))
+    assert heldout.stages == ["sample"] and heldout.sample_config("policy", "out").K == 8
 
 
 @pytest.mark.parametrize("override, message", [
