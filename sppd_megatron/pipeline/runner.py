@@ -23,6 +23,7 @@ from sppd_megatron.config import config_to_dict
 from sppd_megatron.pipeline.config import TRAIN_STAGES, RunConfig
 from sppd_megatron.pipeline.report import pairs_counts, print_table, results, write_report
 from sppd_megatron.pipeline.stages import (
+    StageFailed,
     eval_stage,
     pairs_stage,
     prepare_policy,
@@ -90,6 +91,8 @@ def run_iteration(cfg: RunConfig, it: int, policy_hf: str, log: Callable[[str], 
     if "prm" in stages:
         models["prm"] = train_stage(cfg, "prm", it_dir / "prm", {"hf": policy_hf}, scored, log)
     if "prm_score" in stages:
+        if "checkpoint" not in models["prm"]:
+            raise StageFailed(f"{scored}: no scored trees to train the learned process reward on (stage prm)")
         prm_scored = prm_score_stage(cfg, it_dir / "prm_score", scored, str(models["prm"]["checkpoint"]), log)
     if "prm_pairs" in stages:
         prm_pairs = pairs_stage(cfg, it_dir / "prm_pairs", prm_scored, policy_hf, log, value_name="value_head",
