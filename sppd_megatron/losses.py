@@ -18,6 +18,7 @@ the implicit rewards are ``beta * (log pi - log ref)``.
 | step_dpo   | -log s(beta h - m),  m = gamma (V(s_w) - V(s_l)) | gamma | 0               | SPPD eq. 5 / eq. 4 (gamma=1) |
 | + rpo      | any dpo/step_dpo loss + alpha * NLL(chosen tokens) / #tokens  (``rpo_alpha``)  | RPO (Pang 2024) eq. 1; TRL loss_type sft |
 | svpo       | dpo + w_rank * relu(delta - (v_w - v_l)) + w_reg * (beta log-ratio - sg(v))^2 + w_sft * sft + w_v * (v - target)^2 | SVPO eq. 7-10 |
+| prm        | (v - (2V - 1))^2 per state + w_rank * relu(delta - (v_w - v_l)) over sibling states with V_w - V_l > tau | SVPO eq. 7 (MSE), eq. 10 (margin) |
 """
 
 from __future__ import annotations
@@ -234,4 +235,44 @@ def svpo_loss(
     return losses, metrics
 
 
-LOSS_NAMES = ("sft", "dpo", "step_dpo", "svpo")
+def value_loss(
+    value_pred: Tensor,
+    value_target: Tensor,
+    group: Tensor,
+    rank_weight: float = 0.0,
+    rank_margin: float = 0.5,
+    rank_threshold: float = 0.5,
+) -> tuple[Tensor, Metrics]:
+    """Value-head regression, the learned process reward (the ``prm`` stage): ``(per_state_loss, metrics)``.
+
+    ``value_pred`` [R] are the head's outputs (tanh, in [-1, 1]) at the last token of each state's
+    step, ``value_target`` [R] the states' labels V in [0, 1] (Monte-Carlo, tree value or MCTS Q),
+    ``group`` [R] which sibling group (children of one state) each row belongs to. Per state:
+
+    - MSE ``(v - (2V - 1))^2``: SVPO eq. 7's value term, the pointwise part, over every node;
+    - with ``rank_weight`` > 0, SVPO eq. 10's margin term ``relu(rank_margin - (v_w - v_l))`` for
+      every pair of siblings w, l of one group with ``V_w - V_l > rank_threshold``, weighted by
+      ``rank_weight`` and charged to the chosen state w (so the batch's loss is the sum of both terms
+      divided by the number of states).
+
+    The head reads the value on the [-1, 1] scale; a PRM reading is (v + 1) / 2.
+    """
+    target = 2.0 * value_target.to(value_pred.dtype) - 1.0
+    mse = (value_pred - target) ** 2
+    rank = torch.zeros_like(mse)
+    pairs = torch.zeros_like(mse)
+    if rank_weight > 0 and value_pred.numel() > 1:
+        same = group[:, None] == group[None, :]
+        chosen = same & ((value_target[:, None] - value_target[None, :]) > rank_threshold)
+        hinge = torch.relu(rank_margin - (value_pred[:, None] - value_pred[None, :]))
+        rank = (hinge * chosen).sum(dim=1)
+        pairs = chosen.sum(dim=1).to(mse.dtype)
+    return mse + rank_weight * rank, {
+        "value_mse": mse.detach(),
+        "value_rank": rank.detach(),
+        "value_rank_pairs": pairs.detach(),
+        "value_abs_error": (value_pred - target).abs().detach(),
+    }
+
+
+LOSS_NAMES = ("sft", "dpo", "step_dpo", "svpo", "prm")

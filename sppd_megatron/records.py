@@ -182,6 +182,10 @@ class TreeNode(Record):
     tokens (the root's are the prompt's). ``token_logprobs`` are the sampling engine's;
     ``trainer_logprobs`` the trainer's recomputation where one exists. ``values`` maps a scorer
     name to V(s_t) in [0, 1].
+
+    MCTS trees (``sppd-megatron sample`` with ``algorithm: mcts``) also carry ``visits`` (how many
+    evaluations were backed up through the node) and ``q`` (their mean, in [-1, 1]: +1 a correct
+    terminal, -1 a wrong one); both are None in trees sampled otherwise.
     """
 
     kind: ClassVar[str] = "node"
@@ -198,6 +202,8 @@ class TreeNode(Record):
     correct: bool | None = None
     values: dict[str, float] = field(default_factory=dict)
     trainer_logprobs: list[float] | None = None
+    visits: int | None = None
+    q: float | None = None
 
     def validate(self) -> None:
         if not isinstance(self.node_id, int) or self.node_id < 0:
@@ -214,6 +220,12 @@ class TreeNode(Record):
         _check_finite("mean_logprob", self.mean_logprob)
         for name, v in self.values.items():
             _check_unit(f"values.{name}", v)
+        if self.visits is not None and (not isinstance(self.visits, int) or isinstance(self.visits, bool)
+                                        or self.visits < 0):
+            raise RecordError(f"node {self.node_id}: visits must be a non-negative integer, got {self.visits!r}")
+        _check_finite("q", self.q)
+        if self.q is not None and not -1.0 <= self.q <= 1.0:
+            raise RecordError(f"node {self.node_id}: q={self.q} is outside [-1, 1]")
 
 
 @dataclass
@@ -353,12 +365,43 @@ class SFTExample(Record):
 
 
 @dataclass
+class BeamSearchResult(Record):
+    """The finished solutions of one step-level beam search, best value first (``sbs@B`` modes).
+
+    ``values`` are the reward model's values of each solution's last state; ``answers``, ``correct``
+    and ``answer_classes`` run parallel to ``generations`` as in :class:`Prediction`.
+    """
+
+    kind: ClassVar[str] = "beam_search"
+    generations: list[str]
+    values: list[float]
+    answers: list[str | None]
+    correct: list[bool]
+    answer_classes: list[int | None]
+
+    def validate(self) -> None:
+        n = len(self.generations) if isinstance(self.generations, list) else -1
+        for name in ("values", "answers", "correct", "answer_classes"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or len(value) != n:
+                raise RecordError(f"beam search: '{name}' must be a list parallel to generations ({n})")
+        for i, v in enumerate(self.values):
+            _check_unit(f"values[{i}]", v)
+        if any(self.values[i] < self.values[i + 1] for i in range(n - 1)):
+            raise RecordError("beam search: solutions must be in order of value, best first")
+        for i, cls in enumerate(self.answer_classes):
+            if cls is not None and not (isinstance(cls, int) and 0 <= cls <= i):
+                raise RecordError(f"beam search: answer_classes[{i}]={cls!r} is not an earlier solution's index")
+
+
+@dataclass
 class Prediction(Record):
     """One evaluated question: generations, extracted answers, verdicts and ORM scores.
 
     ``generations`` are the sampled solutions; ``answers``, ``correct``, ``scores`` (ORM) and
     ``answer_classes`` (index of the first sample with an equivalent answer, None when no answer)
-    run parallel to them. The greedy solution, when evaluated, is kept apart in ``greedy_*``.
+    run parallel to them. The greedy solution, when evaluated, is kept apart in ``greedy_*``, and
+    each step-level beam search in ``sbs`` under its width (``"3"`` for ``sbs@3``).
     """
 
     kind: ClassVar[str] = "prediction"
@@ -375,10 +418,26 @@ class Prediction(Record):
     greedy_generation: str | None = None
     greedy_answer: str | None = None
     greedy_correct: bool | None = None
+    sbs: dict[str, BeamSearchResult] | None = None
+
+    @classmethod
+    def _from_fields(cls, kwargs: dict) -> "Prediction":
+        searches = kwargs.get("sbs")
+        if isinstance(searches, dict):
+            kwargs["sbs"] = {str(w): r if isinstance(r, BeamSearchResult) else BeamSearchResult.from_dict(r)
+                             for w, r in searches.items()}
+        return cls(**kwargs)
 
     def validate(self) -> None:
         _require_str("id", self.id, allow_empty=False)
         _require_str("benchmark", self.benchmark, allow_empty=False)
+        if self.sbs is not None:
+            if not isinstance(self.sbs, dict):
+                raise RecordError(f"prediction {self.id}: 'sbs' must map a beam width to a search")
+            for width, result in self.sbs.items():
+                if not (isinstance(width, str) and width.isdigit() and isinstance(result, BeamSearchResult)):
+                    raise RecordError(f"prediction {self.id}: sbs[{width!r}] is not a beam width with its search")
+                result.validate()
         n = len(self.generations) if isinstance(self.generations, list) else -1
         for name in ("answers", "correct", "scores", "answer_classes"):
             value = getattr(self, name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from sppd_megatron.pairs.handmade import handmade_tree, step
 from sppd_megatron.records import PreferencePair, SFTExample, write_jsonl
 
 OUT = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu" / "data"
@@ -41,6 +42,23 @@ def main() -> None:
     write_jsonl(OUT / "sft.jsonl", sft)
     write_jsonl(OUT / "dpo.jsonl", dpo)
     write_jsonl(OUT / "step_pairs.jsonl", steps)
+    write_jsonl(OUT / "trees.jsonl", trees())
+
+
+def trees() -> list:
+    """Scored trees (value ``tree``) for the prm stage: a right and a wrong first step, each finished
+    right and wrong, the values being each state's share of correct leaves."""
+    rng = random.Random(1)
+    out = []
+    for i in range(8):
+        prompt, good, bad, qid = problem(rng)
+        answer = good[1].split("boxed{")[1].rstrip("}.")
+        finish_bad = f"Step 2: so the answer is \\boxed{{{int(answer) + 1}}}."
+        out.append(handmade_tree(f"{qid}-{i}", prompt.split("<|user|>\n")[1].split("\n")[0], answer, [
+            step(good[0], v=0.5, children=[step(good[1], v=1.0), step(bad[1], v=0.0)]),
+            step(bad[0], v=0.0, children=[step(bad[1], v=0.0), step(finish_bad, v=0.0)]),
+        ], value_name="tree", prompt=prompt))
+    return out
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sppd_megatron.config import USER_ERRORS, ConfigError, load_config, report_error
 from sppd_megatron.evaluation.config import EvalConfig
+from sppd_megatron.evaluation.orm import build_orm
 
 EXPORT_DIR = "hf_export"
 EXPORT_STAMP = "exported_from.json"
@@ -60,23 +61,29 @@ def run_eval(cfg: EvalConfig, orm=None) -> dict:
     """Evaluate ``cfg`` into ``cfg.output_dir``; ``orm`` may inject a ready reward model (tests)."""
     from sppd_megatron.evaluation.benchmarks import load_benchmarks
     from sppd_megatron.evaluation.harness import evaluate
-    from sppd_megatron.evaluation.orm import build_orm
     from sppd_megatron.sampling.engines import build_engine
     from sppd_megatron.tokenization import load_tokenizer
 
     benchmarks = load_benchmarks(cfg.benchmarks, cfg.fields, cfg.limit)
     model_path, tokenizer_spec = prepare_model(cfg)
     tokenizer = load_tokenizer(tokenizer_spec)
+    built = orm is None
     orm = orm if orm is not None else build_orm(cfg.orm)
 
     def make_engine():
         return build_engine(cfg.engine, model_path, tokenizer, tokenizer_path=tokenizer_spec, seed=cfg.seed)
 
     model_id = cfg.model if cfg.model.startswith("tiny:") else str(Path(cfg.model).resolve())
-    return evaluate(make_engine, tokenizer, benchmarks, cfg.modes, cfg.output_dir, template=cfg.template,
-                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
-                    orm=orm, progress=cfg.progress, questions_per_batch=cfg.questions_per_batch,
-                    grade_timeout_seconds=cfg.grade_timeout_seconds, model_id=model_id)
+    try:
+        return evaluate(make_engine, tokenizer, benchmarks, cfg.modes, cfg.output_dir, template=cfg.template,
+                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                        seed=cfg.seed, orm=orm, progress=cfg.progress, questions_per_batch=cfg.questions_per_batch,
+                        grade_timeout_seconds=cfg.grade_timeout_seconds, model_id=model_id,
+                        sbs_expansions=cfg.sbs_expansions, step_delimiter=cfg.step_delimiter)
+    finally:
+        close = getattr(getattr(orm, "prm", None), "close", None)
+        if close is not None and built:  # a value-head PRM under torchrun releases the ranks serving it
+            close()
 
 
 def _csv(text: str) -> list[str]:
@@ -89,11 +96,14 @@ FLAGS = [
     ("--tokenizer", "tokenizer", str, "tokenizer directory or builtin:char (default: the model's)", None),
     ("--bench", "benchmarks", _csv, "comma-separated: gsm8k, math500, gaokao2023en, hf:DATASET[:SPLIT], "
                                      "path.jsonl, NAME=any of these", None),
-    ("--modes", "modes", _csv, "comma-separated: greedy, maj@N, orm_vote@N, orm_max@N", None),
+    ("--modes", "modes", _csv, "comma-separated: greedy, maj@N, orm_vote@N, orm_max@N, sbs@B, sbs_vote@B", None),
     ("--limit", "limit", int, "first N questions of each benchmark", None),
     ("--out", "output_dir", str, "output directory (resumable)", None),
     ("--orm", "orm.hf.path", str, "PRM checkpoint directory used as the ORM (transformers)", None),
-    ("--orm-type", "orm.hf.style", str, "how the PRM reads step values", ["value_head", "step_tag"]),
+    ("--orm-type", "orm.hf.style", str, "how the PRM reads step values", ["value_head", "step_tag", "qwen_prm"]),
+    ("--value-model", "orm.value_head.path", str, "sppd-megatron checkpoint with a value head (stage prm or svpo) as "
+     "the reward model of the orm and sbs modes", None),
+    ("--sbs-expansions", "sbs_expansions", int, "sbs modes: candidate steps per beam (default 5)", None),
     ("--orm-reduction", "orm.reduction", str, "step values -> one score (default last)", ["last", "min", "mean"]),
     ("--engine", "engine.name", str, "rollout engine", ["transformers", "sglang", "vllm"]),
     ("--max-new-tokens", "max_new_tokens", int, "generation limit per solution (default 2048)", None),
@@ -129,6 +139,8 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
         out.append(f"{key}={json.dumps(value)}")
     if args.orm is not None:
         out.append("orm.kind=hf")
+    if args.value_model is not None:
+        out.append("orm.kind=value_head")
     if args.no_progress:
         out.append("progress=false")
     return out
@@ -138,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)  # overrides may come before or after flags
     try:
         cfg = load_config(EvalConfig, args.config, _flag_overrides(args) + args.overrides)
+        if cfg.orm.kind == "value_head":
+            from sppd_megatron.training.value_prm import follow
+
+            if follow(lambda: build_orm(cfg.orm).prm):  # under torchrun: ranks > 0 serve rank 0's value head
+                return 0
         summary = run_eval(cfg)
     except USER_ERRORS as exc:
         return report_error("sppd-megatron eval", exc)

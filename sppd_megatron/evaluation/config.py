@@ -28,7 +28,8 @@ class EvalConfig:
     fields: PromptFields = field(default_factory=PromptFields)
     """Question / answer / id field names of the benchmarks other than the named ones."""
     modes: list[str] = field(default_factory=lambda: ["greedy"])
-    """``greedy``, ``maj@N``, ``orm_vote@N``, ``orm_max@N``; sampling modes share one set of max-N samples."""
+    """``greedy``, ``maj@N``, ``orm_vote@N``, ``orm_max@N``, ``sbs@B``, ``sbs_vote@B``; sampling modes share
+    one set of max-N samples; each beam width gets one step-level beam search guided by ``orm``'s step values."""
     limit: int | None = None
     """Evaluate only the first N questions of each benchmark."""
     output_dir: str = "runs/eval"
@@ -48,7 +49,12 @@ class EvalConfig:
     questions_per_batch: int = 8
     """Questions whose greedy + N samples go to the engine in one call (fixed groups, for resuming)."""
     orm: OrmConfig = field(default_factory=OrmConfig)
-    """The reward model of the ORM modes (any PRM, reduced to one score per solution)."""
+    """The reward model of the ORM modes (any PRM, reduced to one score per solution) and of the sbs modes
+    (its step values; e.g. an SVPO model's own value head, ``orm.kind: value_head``)."""
+    sbs_expansions: int = 5
+    """sbs modes: C, candidate steps per beam and round (the first greedy, the others sampled at ``temperature``)."""
+    step_delimiter: str = "\n\n"
+    """sbs modes: where a step ends (as ``orm.split_on`` cuts solutions)."""
     grade_timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
     """Per-answer limit on math-verify."""
     progress: bool = True
@@ -56,8 +62,11 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         modes = parse_modes(self.modes)  # an unknown mode fails here, not after generating
-        if any(m.needs_orm for m in modes) and self.orm.kind == "none":
-            raise ValueError("orm_vote / orm_max modes need an ORM: set orm.kind (or pass --orm DIR)")
+        if any(m.needs_orm or m.beam_width is not None for m in modes) and self.orm.kind == "none":
+            raise ValueError("orm_vote / orm_max / sbs modes need an ORM (a reward model): set orm.kind (or pass --orm DIR "
+                             "or --value-model CKPT)")
+        if self.sbs_expansions < 1 or not self.step_delimiter:
+            raise ValueError("sbs_expansions must be >= 1 and step_delimiter non-empty")
         if not self.benchmarks:
             raise ValueError("benchmarks: give at least one")
         for spec in self.benchmarks:

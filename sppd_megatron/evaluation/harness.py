@@ -9,7 +9,8 @@ One run directory holds
   recomputed from the predictions at the end of every run.
 
 Every question gets at most one greedy solution (temperature 0) and N sampled ones, N being the
-largest of the modes' sample counts; all sampling modes read prefixes of the same samples, so
+largest of the modes' sample counts, and one step-level beam search per width of the ``sbs`` modes
+(:mod:`.sbs`, guided by the reward model); all sampling modes read prefixes of the same samples, so
 ``maj@4`` and ``maj@8`` of one run use the first 4 and all 8 of the same solutions. Sample k of a
 question is drawn with a seed derived from (seed, benchmark, question id, k), so it does not
 depend on which other questions or modes are in the run.
@@ -36,7 +37,15 @@ from sppd_megatron.config import ConfigError
 from sppd_megatron.evaluation.modes import Mode, answer_classes, parse_modes
 from sppd_megatron.evaluation.orm import OutcomeRewardModel, as_outcome_model
 from sppd_megatron.evaluation.summary import summarize, write_summary
-from sppd_megatron.records import JsonlAppender, Prediction, Prompt, PromptTemplate, RecordError, iter_jsonl_lenient
+from sppd_megatron.records import (
+    BeamSearchResult,
+    JsonlAppender,
+    Prediction,
+    Prompt,
+    PromptTemplate,
+    RecordError,
+    iter_jsonl_lenient,
+)
 from sppd_megatron.sampling.engines.base import GenerationRequest, RolloutEngine
 from sppd_megatron.sampling.prompts import render_prompt, resolve_template
 from sppd_megatron.scoring.grading import DEFAULT_TIMEOUT_SECONDS, answers_equal, extract_answer, gold_to_answer
@@ -52,17 +61,22 @@ class GenerationPlan:
     greedy: bool
     num_samples: int
     score: bool
+    sbs_widths: tuple[int, ...] = ()
 
     @classmethod
     def from_modes(cls, modes: Sequence[Mode]) -> "GenerationPlan":
         return cls(greedy=any(m.kind == "greedy" for m in modes),
                    num_samples=max((m.samples_needed for m in modes), default=0),
-                   score=any(m.needs_orm for m in modes))
+                   score=any(m.needs_orm for m in modes),
+                   sbs_widths=tuple(sorted({m.beam_width for m in modes if m.beam_width is not None})))
 
     def missing(self, pred: Prediction) -> str | None:
         """Why a stored record cannot serve these modes, or None when it can."""
         if self.greedy and pred.greedy_generation is None:
             return "has no greedy solution"
+        absent = [w for w in self.sbs_widths if str(w) not in (pred.sbs or {})]
+        if absent:
+            return f"has no step-level beam search of width {absent[0]}"
         if len(pred.generations) < self.num_samples:
             return f"has {len(pred.generations)} samples, the modes need {self.num_samples}"
         if self.score and self.num_samples and pred.scores is None:
@@ -147,6 +161,8 @@ class _Run:
     top_p: float
     seed: int
     grade_timeout: float | None
+    sbs_expansions: int = 5
+    step_delimiter: str = "\n\n"
     generated_tokens: int = 0
 
     def get_engine(self) -> RolloutEngine:
@@ -174,7 +190,7 @@ class _Run:
         reset = getattr(engine, "reset_prefix_cache", None)
         if reset is not None:  # a group must not depend on what earlier groups left in the cache
             reset()
-        generations = engine.generate(requests)
+        generations = engine.generate(requests) if requests else []
         self.generated_tokens += sum(len(g.token_ids) for g in generations)
         texts = [g.text for g in generations]
 
@@ -198,7 +214,30 @@ class _Run:
             scores = self.orm.score_solutions(*zip(*flat))
             for i, r in enumerate(records):
                 r.scores = scores[i * plan.num_samples:(i + 1) * plan.num_samples]
+        for width in plan.sbs_widths:
+            self._beam_search(benchmark, group, rendered, records, width)
         return records
+
+    def _beam_search(self, benchmark: str, group: Sequence[Prompt], rendered, records: list[Prediction],
+                     width: int) -> None:
+        from sppd_megatron.evaluation.sbs import SearchQuestion, step_beam_search
+
+        def seeds(question_id: str):
+            return lambda rnd, beam, j: sample_seed(self.seed, benchmark, f"{question_id}/sbs{width}/{rnd}/{beam}", j)
+
+        questions = [SearchQuestion(p.question, text, ids, seeds(p.id), affinity=f"{benchmark}/{p.id}")
+                     for p, (text, ids) in zip(group, rendered)]
+        found = step_beam_search(self.get_engine(), self.orm.prm, questions, width, self.sbs_expansions,
+                                 self.max_new_tokens, self.temperature, self.top_p, self.step_delimiter)
+        for record, beams in zip(records, found):
+            texts = [self.tokenizer.decode(b.ids, skip_special_tokens=True) for b in beams]
+            self.generated_tokens += sum(len(b.ids) for b in beams)
+            gold = gold_to_answer(record.gold_answer)
+            graded = [self._grade(t, gold) for t in texts]
+            answers = [a for a, _ in graded]
+            record.sbs = {**(record.sbs or {}), str(width): BeamSearchResult(
+                generations=texts, values=[b.value for b in beams], answers=answers, correct=[c for _, c in graded],
+                answer_classes=answer_classes(answers, self.grade_timeout))}
 
 
 # --- public entry point --------------------------------------------------------------------------
@@ -208,12 +247,15 @@ def evaluate(engine: RolloutEngine | Callable[[], RolloutEngine], tokenizer, ben
              modes: Sequence[str | Mode], out_dir: str | Path, *, template: PromptTemplate | None = None,
              max_new_tokens: int = 2048, temperature: float = 0.7, top_p: float = 1.0, seed: int = 0,
              orm=None, progress: bool = True, questions_per_batch: int = 8,
-             grade_timeout_seconds: float | None = DEFAULT_TIMEOUT_SECONDS, model_id: str | None = None) -> dict:
+             grade_timeout_seconds: float | None = DEFAULT_TIMEOUT_SECONDS, model_id: str | None = None,
+             sbs_expansions: int = 5, step_delimiter: str = "\n\n") -> dict:
     """Evaluate every question of ``benchmarks`` (name -> prompts) in ``modes``; returns the summary.
 
     ``engine`` is a RolloutEngine, or a zero-argument callable building one (called only if some
     question still needs generating, so re-summarising a finished run loads no model). ``orm`` is a
-    ProcessRewardModel (read with its last step's value) or an OutcomeRewardModel; ORM modes need one.
+    ProcessRewardModel (read with its last step's value) or an OutcomeRewardModel; ORM modes need one,
+    and the ``sbs`` modes read its step values (C = ``sbs_expansions`` candidate steps per beam, steps
+    ending at ``step_delimiter``).
     ``template`` defaults to the paper's prompt in the tokenizer's chat template. ``model_id`` is
     recorded in the manifest so a resumed run cannot mix two models' generations.
     """
@@ -222,10 +264,11 @@ def evaluate(engine: RolloutEngine | Callable[[], RolloutEngine], tokenizer, ben
     modes = parse_modes(modes)
     plan = GenerationPlan.from_modes(modes)
     orm = as_outcome_model(orm)
-    if plan.score and orm is None:
-        raise ValueError(f"modes {[m.name for m in modes if m.needs_orm]} need an ORM (pass orm=..., or --orm DIR)")
-    if questions_per_batch < 1 or max_new_tokens < 1 or temperature < 0:
-        raise ValueError("questions_per_batch and max_new_tokens must be >= 1 and temperature >= 0")
+    if (plan.score or plan.sbs_widths) and orm is None:
+        needing = [m.name for m in modes if m.needs_orm or m.beam_width is not None]
+        raise ValueError(f"modes {needing} need a reward model (pass orm=..., or --orm DIR)")
+    if questions_per_batch < 1 or max_new_tokens < 1 or temperature < 0 or sbs_expansions < 1:
+        raise ValueError("questions_per_batch, max_new_tokens and sbs_expansions must be >= 1 and temperature >= 0")
     template = resolve_template(template or default_template(tokenizer), tokenizer)
 
     from sppd_megatron.locking import locked
@@ -234,15 +277,19 @@ def evaluate(engine: RolloutEngine | Callable[[], RolloutEngine], tokenizer, ben
     with locked(out):  # one writer per directory
         settings = {"model": model_id, "template": dataclasses.asdict(template), "max_new_tokens": max_new_tokens,
                     "temperature": temperature, "top_p": top_p, "seed": seed, "questions_per_batch": questions_per_batch}
-        _check_manifest(out, settings, orm.name if plan.score else None)
+        if plan.sbs_widths:  # only then, so directories evaluated before beam search existed still resume
+            settings.update(sbs_expansions=sbs_expansions, step_delimiter=step_delimiter)
+        _check_manifest(out, settings, orm.name if plan.score or plan.sbs_widths else None)
         predictions_path = out / PREDICTIONS
         appender = JsonlAppender(predictions_path, Prediction, fault_point="eval.question")  # cuts a torn last line
         wanted = {(bench, p.id) for bench, prompts in benchmarks.items() for p in prompts}
         done = _load_done(predictions_path, wanted, plan)
 
         make_engine = None if hasattr(engine, "generate") else engine
-        run = _Run(engine=None if make_engine else engine, make_engine=make_engine, tokenizer=tokenizer, template=template, plan=plan, orm=orm, max_new_tokens=max_new_tokens,
-                   temperature=temperature, top_p=top_p, seed=seed, grade_timeout=grade_timeout_seconds)
+        run = _Run(engine=None if make_engine else engine, make_engine=make_engine, tokenizer=tokenizer,
+                   template=template, plan=plan, orm=orm, max_new_tokens=max_new_tokens, temperature=temperature,
+                   top_p=top_p, seed=seed, grade_timeout=grade_timeout_seconds, sbs_expansions=sbs_expansions,
+                   step_delimiter=step_delimiter)
         written = 0
         start = time.perf_counter()
         bar = tqdm(total=len(wanted), initial=len(done), unit="q", desc="eval", disable=not progress,

@@ -6,6 +6,8 @@
 | ``maj@N``     | the answer given most often among the first N samples (self-consistency)       |
 | ``orm_vote@N``| the answer whose samples' ORM scores sum highest among the first N samples     |
 | ``orm_max@N`` | the answer of the single highest-scored sample among the first N samples       |
+| ``sbs@B``     | step-level beam search of width B guided by the reward model's step values: the best-valued finished solution |
+| ``sbs_vote@B``| the same search: the answer whose finished solutions' values sum highest        |
 
 Rules shared by the sampling modes, so every mode is a pure function of a Prediction record:
 
@@ -17,6 +19,10 @@ Rules shared by the sampling modes, so every mode is a pure function of a Predic
 - a sample without an answer (None: nothing boxed, no ``####``, no "the answer is") never wins;
   when all N samples lack one the question counts as wrong (and as ``no_answer``);
 - ties go to the class (or, for ``orm_max``, the sample) that occurs first in sample order.
+
+The ``sbs`` modes read their own record of the search (:mod:`.sbs`, ``Prediction.sbs``), whose
+finished solutions are in order of value; the same rules apply to them (a solution without an
+answer never wins).
 """
 
 from __future__ import annotations
@@ -28,8 +34,8 @@ from typing import Callable, Sequence
 from sppd_megatron.records import Prediction
 from sppd_megatron.scoring.grading import DEFAULT_TIMEOUT_SECONDS, answers_equal
 
-MODE_KINDS = ("greedy", "maj", "orm_vote", "orm_max")
-_MODE_RE = re.compile(r"^(greedy|maj|orm_vote|orm_max)(?:@(\d+))?$")
+MODE_KINDS = ("greedy", "maj", "orm_vote", "orm_max", "sbs", "sbs_vote")
+_MODE_RE = re.compile(r"^(greedy|maj|orm_vote|orm_max|sbs|sbs_vote)(?:@(\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -45,12 +51,17 @@ class Mode:
 
     @property
     def samples_needed(self) -> int:
-        """Sampled solutions per question this mode reads (the greedy one is not a sample)."""
-        return 0 if self.kind == "greedy" else self.n
+        """Sampled solutions per question this mode reads (the greedy one and beam searches are not samples)."""
+        return 0 if self.kind in ("greedy", "sbs", "sbs_vote") else self.n
 
     @property
     def needs_orm(self) -> bool:
         return self.kind in ("orm_vote", "orm_max")
+
+    @property
+    def beam_width(self) -> int | None:
+        """B of a step-level beam search mode, None for the others."""
+        return self.n if self.kind in ("sbs", "sbs_vote") else None
 
 
 def parse_mode(text: str | Mode) -> Mode:
@@ -59,7 +70,7 @@ def parse_mode(text: str | Mode) -> Mode:
         return text
     match = _MODE_RE.match(str(text).strip().lower())
     if not match:
-        raise ValueError(f"unknown evaluation mode {text!r}; use greedy, maj@N, orm_vote@N or orm_max@N")
+        raise ValueError(f"unknown evaluation mode {text!r}; use greedy, maj@N, orm_vote@N, orm_max@N, sbs@B or sbs_vote@B")
     kind, n = match.group(1), match.group(2)
     if kind == "greedy":
         if n is not None:
@@ -168,6 +179,16 @@ def judge(mode: Mode, pred: Prediction, classes: Sequence[int | None] | None = N
         if pred.greedy_generation is None:
             raise ValueError(f"{pred.benchmark}/{pred.id}: no greedy solution recorded (mode greedy)")
         return Verdict(pred.greedy_answer, bool(pred.greedy_correct) and pred.greedy_answer is not None)
+    if mode.beam_width is not None:
+        search = (pred.sbs or {}).get(str(mode.beam_width))
+        if search is None:
+            raise ValueError(f"{pred.benchmark}/{pred.id}: no step-level beam search of width {mode.beam_width} recorded "
+                             f"(mode {mode.name})")
+        select = select_orm_max if mode.kind == "sbs" else select_orm_vote
+        chosen = select(search.answer_classes, search.values)
+        if chosen is None:
+            return Verdict(None, False)
+        return Verdict(search.answers[chosen], bool(search.correct[chosen]))
     if len(pred.generations) < mode.n:
         raise ValueError(f"{pred.benchmark}/{pred.id}: {len(pred.generations)} samples recorded, {mode.name} needs {mode.n}")
     classes = list(classes if classes is not None else classes_of(pred))[: mode.n]

@@ -15,6 +15,7 @@ from typing import Literal, Sequence
 
 from sppd_megatron.scoring.hf_prm import HFPRMConfig, SGLangPRMConfig
 from sppd_megatron.scoring.prm import ProcessRewardModel, StepQuery
+from sppd_megatron.training.value_prm import ValueHeadPRMConfig
 
 Reduction = Literal["last", "min", "mean"]
 REDUCTIONS: dict[str, object] = {
@@ -28,12 +29,15 @@ REDUCTIONS: dict[str, object] = {
 class OrmConfig:
     """The reward model behind the ``orm_vote@N`` / ``orm_max@N`` modes."""
 
-    kind: Literal["none", "hf", "sglang"] = "none"
-    """``hf``: a PRM checkpoint through transformers (``hf.*``); ``sglang``: a reward endpoint (``sglang.*``)."""
+    kind: Literal["none", "hf", "sglang", "value_head"] = "none"
+    """``hf``: a PRM checkpoint through transformers (``hf.*``); ``sglang``: a reward endpoint (``sglang.*``);
+    ``value_head``: the value head of an sppd-megatron checkpoint, stage prm or svpo (``value_head.*``)."""
     hf: HFPRMConfig = field(default_factory=HFPRMConfig)
     """The transformers PRM (kind ``hf``): ``path``, ``style`` (value_head / step_tag), ..."""
     sglang: SGLangPRMConfig = field(default_factory=SGLangPRMConfig)
     """The SGLang reward endpoint (kind ``sglang``)."""
+    value_head: ValueHeadPRMConfig = field(default_factory=ValueHeadPRMConfig)
+    """The learned value head (kind ``value_head``): ``path``, ``parallel``, ``pack_length``."""
     reduction: Reduction = "last"
     """Step values -> one score: ``last`` (the ORM reading, paper appendix B), ``min`` or ``mean``."""
     split_on: str = "\n\n"
@@ -42,6 +46,8 @@ class OrmConfig:
     def __post_init__(self) -> None:
         if self.kind == "hf" and not self.hf.path:
             raise ValueError("orm.kind hf needs orm.hf.path (a PRM checkpoint directory)")
+        if self.kind == "value_head" and not self.value_head.path:
+            raise ValueError("orm.kind value_head needs orm.value_head.path (a checkpoint of train stage prm or svpo)")
         if not self.split_on:
             raise ValueError("orm.split_on must be a non-empty string")
 
@@ -87,5 +93,5 @@ def build_orm(cfg: OrmConfig) -> OutcomeRewardModel | None:
         return None
     from sppd_megatron.scoring.cli import build_text_prm
 
-    prm = build_text_prm(cfg.kind, cfg)  # reads cfg.hf / cfg.sglang, as for `sppd-megatron score`
+    prm = build_text_prm(cfg.kind, cfg)  # reads cfg.hf / cfg.sglang / cfg.value_head, as `sppd-megatron score` does
     return OutcomeRewardModel(prm, cfg.reduction, cfg.split_on)

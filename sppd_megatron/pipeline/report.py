@@ -20,7 +20,18 @@ ROW_LABELS = {
     "step_dpo_dynamic": "step-DPO, dynamic margin",
     "step_dpo_fixed": "step-DPO, fixed margin",
     "step_dpo_none": "step-DPO, no margin",
+    "step_dpo_prm": "+SPPD, learned PRM (dynamic margin)",
+    "step_dpo_prm_dynamic": "step-DPO, learned PRM, dynamic margin",
+    "step_dpo_prm_fixed": "step-DPO, learned PRM, fixed margin",
+    "step_dpo_prm_none": "step-DPO, learned PRM, no margin",
+    "prm": "learned PRM (value head)",
+    "svpo": "+SVPO",
 }
+
+
+PAIRS_REPORTED = {"pairs": "Pairs", "prm_pairs": "Pairs from the learned PRM's values",
+                  "mcts_pairs": "Pairs of the MCTS trees (Q values)"}
+"""Report keys of pairs counts and how report.md introduces them."""
 
 
 def row_label(model: str) -> str:
@@ -89,15 +100,19 @@ def print_table(evals: dict[str, dict], title: str) -> None:
 
 def pairs_counts(stats: dict) -> dict:
     """What the pairs stage built and what it refused on training's behalf (from ``pairs_stats.json``)."""
-    return {"trees_used": stats["trees_used"], "sft": stats["sft"]["examples"], "dpo": stats["dpo"]["pairs"],
-            "step": stats["step"]["pairs"], "untrainable": stats.get("untrainable", {})}
+    counts = {"trees_used": stats["trees_used"], "sft": stats["sft"]["examples"], "dpo": stats["dpo"]["pairs"],
+              "step": stats["step"]["pairs"], "untrainable": stats.get("untrainable", {})}
+    if "svpo" in stats:  # written only when pairs.svpo.enabled
+        counts["svpo"] = stats["svpo"]["pairs"]
+    return counts
 
 
 def pairs_line(counts: dict) -> str:
     """``SFT-PRM 312, DPO-PRM 198, step pairs 480 from 1024 trees; refused by training ...: DPO-PRM 2, ...``."""
     from sppd_megatron.pairs.cli import untrainable_summary
 
-    line = (f"SFT-PRM {counts['sft']}, DPO-PRM {counts['dpo']}, step pairs {counts['step']} "
+    svpo = f", SVPO pairs {counts['svpo']}" if "svpo" in counts else ""
+    line = (f"SFT-PRM {counts['sft']}, DPO-PRM {counts['dpo']}, step pairs {counts['step']}{svpo} "
             f"from {counts['trees_used']} trees")
     if counts["untrainable"]:
         line += f"; refused by training (in pairs/rejects.jsonl): {untrainable_summary(counts['untrainable'])}"
@@ -112,8 +127,9 @@ def write_report(run_dir: str | Path, report: dict, title: str, notes: list[str]
     for it, body in report.get("iterations", {}).items():
         if body.get("eval"):
             md += [f"## Iteration {it}: accuracy % (correct/n)", "", markdown_table(body["eval"]), ""]
-        if body.get("pairs"):
-            md += [f"Pairs (iteration {it}): {pairs_line(body['pairs'])}.", ""]
+        for key, what in PAIRS_REPORTED.items():
+            if body.get(key):
+                md += [f"{what} (iteration {it}): {pairs_line(body[key])}.", ""]
         if body.get("train"):
             md += [f"Training (iteration {it}): " + "; ".join(
                 f"{row_label(k)}: " + (f"{v['step']} steps, final loss {v['loss']:.4f}" if v else "no records, not trained")

@@ -3,8 +3,11 @@
 Sampling, scoring and pair building run in this process through the verbs' own functions
 (``run_sampling``, ``run_scoring``, ``run_pairs``), which resume inside their directories.
 Training and checkpoint export run as child processes (``python -m sppd_megatron train|convert``)
-so torch.distributed and Megatron state never live in the pipeline process; a child dies with
-the pipeline (PR_SET_PDEATHSIG), so a killed run leaves no orphan trainer writing checkpoints.
+so torch.distributed and Megatron state never live in the pipeline process; so do scoring with a
+learned value head (``python -m sppd_megatron score``) and the evaluation of a model whose beam search
+a value head guides (``python -m sppd_megatron.pipeline.stages eval``, the same evaluation as in
+process). A child dies with the pipeline (PR_SET_PDEATHSIG), so a killed run leaves no orphan
+trainer writing checkpoints.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Callable
 
 import yaml
 
-from sppd_megatron.config import RunStopped, config_to_dict
+from sppd_megatron.config import RunStopped, config_from_dict, config_to_dict
 from sppd_megatron.pipeline.config import TRAIN_STAGES, RunConfig
 from sppd_megatron.pipeline.manifest import run_stage
 from sppd_megatron.sampling.prompts import source_path
@@ -142,21 +145,22 @@ def score_stage(cfg: RunConfig, stage_dir: Path, trees: str, policy_hf: str, log
     return run_stage(stage_dir, "score", config_to_dict(score_cfg), inputs, body, log)["scored"]
 
 
-def pairs_stage(cfg: RunConfig, stage_dir: Path, scored: str, policy_hf: str, log: Log) -> dict[str, str]:
+def pairs_stage(cfg: RunConfig, stage_dir: Path, scored: str, policy_hf: str, log: Log, value_name: str | None = None,
+                label: str = "pairs") -> dict[str, str]:
     """Build the datasets; records a training stage would refuse (too long...) go to rejects.jsonl."""
     from sppd_megatron.pairs.cli import OUTPUTS
 
-    pairs_cfg = cfg.pairs_config(scored, stage_dir, policy_hf)
+    pairs_cfg = cfg.pairs_config(scored, stage_dir, policy_hf, value_name)
 
     def body() -> dict:
         from sppd_megatron.pairs.cli import run_pairs
         from sppd_megatron.pipeline.report import pairs_counts, pairs_line
 
-        log(f"[pairs] {pairs_line(pairs_counts(run_pairs(pairs_cfg)))}")
+        log(f"[{label}] {pairs_line(pairs_counts(run_pairs(pairs_cfg)))}")
         names = {k: v for k, v in OUTPUTS.items() if k != "svpo" or pairs_cfg.svpo.enabled}
         return {**{kind: stage_dir / name for kind, name in names.items()}, "stats": stage_dir / "pairs_stats.json"}
 
-    return run_stage(stage_dir, "pairs", config_to_dict(pairs_cfg), {"scored": scored}, body, log)
+    return run_stage(stage_dir, label, config_to_dict(pairs_cfg), {"scored": scored}, body, log)
 
 
 # --- training -------------------------------------------------------------------------------------
@@ -165,6 +169,15 @@ def pairs_stage(cfg: RunConfig, stage_dir: Path, scored: str, policy_hf: str, lo
 def count_records(path: str | Path) -> int:
     with Path(path).open("rb") as fh:
         return sum(1 for line in fh if line.strip())
+
+
+def _count_examples(train_file: str | Path, stage: str) -> int:
+    """Records a training stage reads: lines of its file, or (stage prm) trees of its shard directory."""
+    if stage != "prm":
+        return count_records(train_file)
+    from sppd_megatron.scoring.cli import input_shards
+
+    return sum(count_records(shard) for shard in input_shards(train_file))
 
 
 def final_checkpoint(output_dir: Path) -> Path:
@@ -207,17 +220,19 @@ def _train_progress(metrics: Path, total: int, desc: str, enabled: bool):
 
 
 def train_and_export(stage_dir: Path, label: str, train_cfg: dict, init: dict[str, str], log: Log,
-                     threads: int = 1, launcher: list[str] | None = None, progress: bool = True) -> dict[str, str]:
+                     threads: int = 1, launcher: list[str] | None = None, progress: bool = True,
+                     export: bool = True) -> dict[str, str]:
     """Run ``sppd-megatron train`` on ``train_cfg`` (a TrainConfig dict) in a child, then export to HF.
 
-    Returns ``{"checkpoint", "hf", "metrics"}``. With no training records (e.g. no question had
-    both a correct and an incorrect solution) the stage passes ``init``'s model through (no
-    ``metrics``: it took no step) and says so.
+    Returns ``{"checkpoint", "hf", "metrics"}`` (no ``hf`` without ``export``: a value model is read
+    from its checkpoint). With no training records (e.g. no question had both a correct and an
+    incorrect solution) the stage passes ``init``'s model through (no ``metrics``: it took no step)
+    and says so.
     """
     train_file = train_cfg["data"]["train_file"]
 
     def body() -> dict:
-        n = count_records(train_file)
+        n = _count_examples(train_file, train_cfg["stage"])
         if n == 0:
             log(f"[{label}] WARNING: {train_file} has no records; the stage passes its starting policy through")
             return {k: v for k, v in init.items() if k in ("checkpoint", "hf")}
@@ -236,8 +251,11 @@ def train_and_export(stage_dir: Path, label: str, train_cfg: dict, init: dict[st
             finally:
                 bar.close()
         checkpoint = final_checkpoint(out_dir)
-        hf = export_hf(checkpoint, stage_dir / "hf", stage_dir / "train.log", threads)
         last = json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        if not export:
+            log(f"[{label}] {last['step']} steps, final loss {last['loss']:.4f}; checkpoint {checkpoint}")
+            return {"checkpoint": checkpoint, "metrics": out_dir / "metrics.jsonl"}
+        hf = export_hf(checkpoint, stage_dir / "hf", stage_dir / "train.log", threads)
         log(f"[{label}] {last['step']} steps, final loss {last['loss']:.4f}; exported to {hf}")
         return {"checkpoint": checkpoint, "hf": hf, "metrics": out_dir / "metrics.jsonl"}
 
@@ -255,39 +273,108 @@ def train_stage(cfg: RunConfig, stage: str, stage_dir: Path, init: dict[str, str
     path = str(Path(path).resolve())
     train_cfg = cfg.train_config(stage, stage_dir / "train", source, path, train_file, margin_mode)
     return train_and_export(stage_dir, label or stage, train_cfg, init, log, cfg.train.threads,
-                            cfg.train.launcher or None, cfg.progress)
+                            cfg.train.launcher or None, cfg.progress, export=stage != "prm")
+
+
+# --- the learned process reward -------------------------------------------------------------------
+
+
+def prm_score_stage(cfg: RunConfig, stage_dir: Path, scored: str, checkpoint: str, log: Log) -> str:
+    """The scored trees again with the learned value head (``values["value_head"]``), in a child ``score``."""
+    score_cfg = cfg.value_score_config(scored, stage_dir / "scored", checkpoint)
+
+    def body() -> dict:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        recipe = stage_dir / "score.yaml"
+        recipe.write_text(yaml.safe_dump(config_to_dict(score_cfg), sort_keys=False))
+        run_child(["score", str(recipe)], stage_dir / "score.log", cfg.train.threads)
+        summary = json.loads((stage_dir / "scored" / "score_summary.json").read_text())
+        log(f"[prm_score] {summary['scored']} trees scored with the learned value head ({summary['already_done']} "
+            "already there)")
+        return {"scored": stage_dir / "scored", "summary": stage_dir / "scored" / "score_summary.json"}
+
+    return run_stage(stage_dir, "prm_score", config_to_dict(score_cfg), {"scored": scored, "checkpoint": checkpoint},
+                     body, log)["scored"]
 
 
 # --- evaluation -----------------------------------------------------------------------------------
 
 
-def eval_stage(cfg: RunConfig, stage_dir: Path, model_name: str, hf_dir: str, log: Log) -> dict:
-    """Evaluate one HF model on every benchmark with every mode (issue 6's harness); returns its summary."""
-    settings = {k: v for k, v in config_to_dict(cfg.eval).items() if k != "models"}  # the list is not this model's
+def evaluate_model(cfg: RunConfig, stage_dir: Path, hf_dir: str, value_model: str | None = None) -> None:
+    """The evaluation of one model (the harness, every benchmark and mode); with ``value_model`` (a
+    checkpoint with a value head) also ``eval.sbs_modes``, its value head guiding the beams."""
+    from sppd_megatron.evaluation.harness import evaluate
+    from sppd_megatron.sampling.engines import build_engine
+    from sppd_megatron.sampling.prompts import load_prompts, resolve_template
+    from sppd_megatron.tokenization import load_tokenizer
+
+    e = cfg.eval
+    benchmarks = {name: load_prompts(b.path, b.fields, b.limit) for name, b in e.benchmarks.items()}
+    tokenizer = load_tokenizer(hf_dir)
+    modes, orm = list(e.modes), None
+    if value_model is not None:
+        from sppd_megatron.training.value_prm import MegatronValuePRM, ValueHeadPRMConfig
+
+        modes += list(e.sbs_modes)
+        orm = MegatronValuePRM(config_from_dict(ValueHeadPRMConfig, {**cfg.prm_score.get("value_head", {}),
+                                                                     "path": value_model}, "prm_score.value_head"))
+    try:
+        evaluate(lambda: build_engine(e.engine, hf_dir, tokenizer, tokenizer_path=hf_dir, seed=e.seed),
+                 tokenizer, benchmarks, modes, stage_dir, template=resolve_template(cfg.template, tokenizer),
+                 max_new_tokens=e.max_new_tokens, temperature=e.temperature, seed=e.seed, progress=cfg.progress,
+                 questions_per_batch=e.questions_per_batch, model_id=str(hf_dir), orm=orm,
+                 sbs_expansions=e.sbs_expansions)
+    finally:
+        if orm is not None:
+            orm.close()
+
+
+def eval_stage(cfg: RunConfig, stage_dir: Path, model_name: str, hf_dir: str, log: Log,
+               value_model: str | None = None) -> dict:
+    """Evaluate one HF model on every benchmark with every mode (issue 6's harness); returns its summary.
+
+    With ``value_model`` the evaluation runs in a child process (the value head is a Megatron model)."""
+    settings = {k: v for k, v in config_to_dict(cfg.eval).items() if k not in ("models", "value_heads")}
+    if value_model is None:  # only this model's settings: the beam-search keys do not concern it
+        settings = {k: v for k, v in settings.items() if k not in ("sbs_modes", "sbs_expansions")}
     config = {"model": model_name, "eval": settings, "template": config_to_dict(cfg.template)}
     inputs = {"model": hf_dir, **{f"bench_{name}": source_path(b.path) or b.path for name, b in cfg.eval.benchmarks.items()}}
+    if value_model is not None:
+        inputs["value_model"] = value_model
 
     def body() -> dict:
-        try:
-            from sppd_megatron.evaluation.harness import evaluate
-        except ImportError as exc:
-            raise StageFailed(f"the eval stage needs sppd_megatron.evaluation.harness (issue 6): {exc}") from None
-        from sppd_megatron.sampling.engines import build_engine
-        from sppd_megatron.sampling.prompts import load_prompts, resolve_template
-        from sppd_megatron.tokenization import load_tokenizer
-
-        e = cfg.eval
-        benchmarks = {name: load_prompts(b.path, b.fields, b.limit) for name, b in e.benchmarks.items()}
-        tokenizer = load_tokenizer(hf_dir)
-        evaluate(lambda: build_engine(e.engine, hf_dir, tokenizer, tokenizer_path=hf_dir, seed=e.seed),
-                 tokenizer, benchmarks, list(e.modes), stage_dir, template=resolve_template(cfg.template, tokenizer),
-                 max_new_tokens=e.max_new_tokens, temperature=e.temperature, seed=e.seed, progress=cfg.progress,
-                 questions_per_batch=e.questions_per_batch, model_id=str(hf_dir))
+        if value_model is None:
+            evaluate_model(cfg, stage_dir, hf_dir)
+        else:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            args = stage_dir / "eval_args.json"
+            args.write_text(json.dumps({"run": config_to_dict(cfg), "stage_dir": str(stage_dir), "hf": str(hf_dir),
+                                        "value_model": str(value_model)}, indent=1))
+            run_child(["eval", str(args)], stage_dir / "eval.log", cfg.train.threads,
+                      launcher=[sys.executable, "-m", "sppd_megatron.pipeline.stages"])
         return {"summary": stage_dir / "summary.json", "predictions": stage_dir / "predictions.jsonl"}
 
     out = run_stage(stage_dir, f"eval[{model_name}]", config, inputs, body, log)
     return json.loads(Path(out["summary"]).read_text())
 
 
-__all__ = ["TRAIN_STAGES", "StageFailed", "eval_stage", "pairs_stage", "prepare_policy", "sample_stage",
-           "score_stage", "train_stage"]
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sppd_megatron.pipeline.stages eval ARGS.json``: :func:`evaluate_model` in a child process."""
+    from sppd_megatron.pipeline.config import RunConfig
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 2 or argv[0] != "eval":
+        print(main.__doc__, file=sys.stderr)
+        return 2
+    args = json.loads(Path(argv[1]).read_text())
+    cfg = config_from_dict(RunConfig, args["run"], argv[1])
+    evaluate_model(cfg, Path(args["stage_dir"]), args["hf"], args["value_model"])
+    return 0
+
+
+__all__ = ["TRAIN_STAGES", "StageFailed", "eval_stage", "pairs_stage", "prepare_policy", "prm_score_stage",
+           "sample_stage", "score_stage", "train_stage"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -267,6 +267,7 @@ def inputs_for_recipe(cfg, model: ModelConfig, dp: int, num_microbatches: int,
     (CPU), ``auto`` / ``transformer_engine`` mean TransformerEngine on the GPUs the recipe targets.
     Packed recipes use FlexAttention where the recipe runs on GPUs (``precision.attention`` auto).
     """
+    from sppd_megatron.training.model import VALUE_HEAD_STAGES
     from sppd_megatron.training.trainer import PREFERENCE_STAGES
 
     if transformer_engine is None:
@@ -290,5 +291,5 @@ def inputs_for_recipe(cfg, model: ModelConfig, dp: int, num_microbatches: int,
         flex_attention=flex,
         tree_masks=packed,
         co_resident_reference=cfg.stage in PREFERENCE_STAGES and cfg.loss.reference == "co_resident",
-        value_head=cfg.stage == "svpo",
+        value_head=cfg.stage in VALUE_HEAD_STAGES,
     )

@@ -59,7 +59,12 @@ def _sample(cfg: SampleConfig) -> dict:
                 "steps_retokenised_differently": 0, "steps_merging_with_context": 0}
 
     engine = build_engine(cfg.engine, cfg.model, tokenizer, tokenizer_path=tokenizer_spec, seed=cfg.seed)
-    sampler = TreeSampler(engine, tokenizer, cfg, template)
+    value_prm = None
+    if cfg.algorithm == "mcts" and cfg.mcts.value_weight > 0:  # AlphaMath's leaf estimate from a value head
+        from sppd_megatron.training.value_prm import MegatronValuePRM, ValueHeadPRMConfig
+
+        value_prm = MegatronValuePRM(ValueHeadPRMConfig(path=cfg.mcts.value_model))
+    sampler = TreeSampler(engine, tokenizer, cfg, template, value_prm=value_prm)
     start_time = time.perf_counter()
     bar = tqdm(total=len(prompts), initial=skipped, unit="q", desc="sample", disable=not cfg.progress,
                file=sys.stderr, dynamic_ncols=True)
@@ -83,6 +88,8 @@ def _sample(cfg: SampleConfig) -> dict:
     finally:
         bar.close()
         engine.close()
+        if value_prm is not None:
+            value_prm.close()
     stats = sampler.stats
     summary.update(generated_tokens=stats.generated_tokens, computed_tokens=stats.computed_tokens,
                    context_tokens=stats.context_tokens, cached_prefix_tokens=stats.cached_prefix_tokens,

@@ -9,6 +9,10 @@ from sppd_megatron.records import PromptTemplate
 from sppd_megatron.sampling.prompts import PromptFields
 
 EngineName = Literal["transformers", "sglang", "vllm"]
+Algorithm = Literal["tree", "mcts"]
+# K, C, max_depth when the config leaves them unset: SPPD's tree sampling (section 4.2) and SVPO's
+# MCTS (appendix A.1: at most 60 simulations, 5 children per node, depth 8).
+ALGORITHM_DEFAULTS = {"tree": {"K": 64, "C": 2, "max_depth": 20}, "mcts": {"K": 60, "C": 5, "max_depth": 8}}
 
 
 # sglang.Engine / vllm.LLM arguments the engines set themselves, and where each one comes from.
@@ -80,6 +84,37 @@ class EngineConfig:
 
 
 @dataclass
+class MCTSConfig:
+    """SVPO's step-level MCTS (section 3.1, appendix A.1); used with ``algorithm: mcts``.
+
+    K is the number of simulations per search, C the children of each expansion, ``max_depth`` the
+    depth limit, as for tree sampling (defaults 60, 5 and 8 under ``mcts``).
+    """
+
+    c_puct: float = 1.25
+    """Exploration weight of PUCT: Q(s,a) + c_puct P(a|s) sqrt(N(s)) / (1 + N(s,a))."""
+    max_trees: int = 10
+    """Searches per question, each from a fresh expansion of the root (SVPO: at most 10 trees)."""
+    stop_correct: int = 4
+    """No further search once the question's record holds this many correct complete solutions (SVPO: 4)."""
+    value_weight: float = 0.0
+    """Lambda of AlphaMath's leaf evaluation: a non-terminal leaf is worth lambda * V(s) with V the value
+    model's estimate in [-1, 1] (0: SVPO's one-step rollout, where it is worth 0). Needs ``value_model``."""
+    value_model: str | None = None
+    """A checkpoint with a value head (``train`` stage ``prm`` or ``svpo``) giving V(s) when value_weight > 0."""
+
+    def __post_init__(self) -> None:
+        if self.c_puct < 0:
+            raise ValueError("mcts.c_puct must be >= 0")
+        if self.max_trees < 1 or self.stop_correct < 1:
+            raise ValueError("mcts.max_trees and mcts.stop_correct must be >= 1")
+        if not 0.0 <= self.value_weight <= 1.0:
+            raise ValueError("mcts.value_weight must be in [0, 1]")
+        if self.value_weight > 0 and not self.value_model:
+            raise ValueError("mcts.value_weight > 0 needs mcts.value_model (a checkpoint with a value head)")
+
+
+@dataclass
 class SampleConfig:
     """Tree-based self-sampling (SPPD section 4.2) of every prompt in ``input``."""
 
@@ -100,10 +135,16 @@ class SampleConfig:
     """System prompt and chat-template use (default: the paper's prompt); recorded in every tree."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Rollout engine."""
-    K: int = 64
-    """Selection-expansion iterations per question (paper: 64)."""
-    C: int = 2
-    """Children per expansion (paper: 2)."""
+    algorithm: Algorithm = "tree"
+    """``tree``: SPPD's tree-based self-sampling; ``mcts``: SVPO's MCTS (``mcts.*``), whose trees also
+    carry visit counts, Q and the value ``mcts_q`` = (Q + 1) / 2 on every step."""
+    mcts: MCTSConfig = field(default_factory=MCTSConfig)
+    """MCTS settings (``algorithm: mcts``)."""
+    K: int | None = None
+    """Selection-expansion iterations per question (tree; SPPD: 64), or simulations per search (mcts;
+    SVPO: 60). Unset: that default."""
+    C: int | None = None
+    """Children per expansion (tree: 2 as in SPPD, mcts: 5 as in SVPO when unset)."""
     temperature: float = 1.0
     """Sampling temperature of each step (0: greedy; then every sibling is identical)."""
     top_p: float = 1.0
@@ -117,8 +158,8 @@ class SampleConfig:
     """Where a step ends: a blank line, before the next ``Step k:`` line, any newline, or ``stop_string``."""
     stop_string: str | None = None
     """The delimiter for ``step_delimiter: stop_string`` (kept at the end of the step)."""
-    max_depth: int = 20
-    """A node at this depth (steps from the root) is terminal."""
+    max_depth: int | None = None
+    """A node at this depth (steps from the root) is terminal (unset: 20 for tree, 8 for mcts)."""
     max_step_tokens: int = 256
     """Token limit of one step; a step cut here is not terminal by itself."""
     max_total_tokens: int = 2048
@@ -135,6 +176,9 @@ class SampleConfig:
     """Show a progress bar (questions/s, tokens/s)."""
 
     def __post_init__(self) -> None:
+        for key, default in ALGORITHM_DEFAULTS[self.algorithm].items():
+            if getattr(self, key) is None:
+                setattr(self, key, default)
         if self.K < 1 or self.C < 1:
             raise ValueError(f"K and C must be >= 1 (got K={self.K}, C={self.C})")
         if self.temperature < 0 or not (0 < self.top_p <= 1):
@@ -158,4 +202,6 @@ class SampleConfig:
             "step_delimiter": self.step_delimiter, "stop_string": self.stop_string,
             "max_depth": self.max_depth, "max_step_tokens": self.max_step_tokens,
             "max_total_tokens": self.max_total_tokens, "seed": self.seed, "engine": self.engine.name,
+            **({"algorithm": "mcts", "mcts": {k: v for k, v in vars(self.mcts).items()}}
+               if self.algorithm == "mcts" else {}),
         }

@@ -76,8 +76,8 @@ class RoundStats:
         self.generated_tokens += sum(len(g.token_ids) for g in generations)
 
 
-class _GrowingTree:
-    """One question's tree while it is sampled."""
+class GrowingTree:
+    """One question's tree while it is sampled (SPPD's selection; :class:`.mcts.MCTSTree` overrides it)."""
 
     def __init__(self, prompt: Prompt, prompt_text: str, prompt_ids: list[int], seed: int, cfg: SampleConfig):
         self.prompt = prompt
@@ -132,12 +132,15 @@ class _GrowingTree:
             node_id = self.nodes[node_id].parent
         return out[::-1]
 
+    def request_seed(self, leaf: int, child: int) -> int:
+        return derive_seed(self.question_seed, leaf, child)
+
     def requests(self, leaf: int, temperature: float, top_p: float, stop: list[str]) -> list[GenerationRequest]:
         budget = min(self.cfg.max_step_tokens, self.cfg.max_total_tokens - self.generated[leaf])
         context = self.context_ids(leaf)
         return [
             GenerationRequest(context_ids=context, max_new_tokens=budget, temperature=temperature,
-                              top_p=top_p, stop=list(stop), seed=derive_seed(self.question_seed, leaf, j),
+                              top_p=top_p, stop=list(stop), seed=self.request_seed(leaf, j),
                               affinity=self.prompt.id)
             for j in range(self.cfg.C)
         ]
@@ -165,6 +168,13 @@ class _GrowingTree:
             self.children[node_id] = []
             self.children[leaf].append(node_id)
 
+    def needs_leaf_value(self, leaf: int) -> bool:
+        """Whether :meth:`expanded` wants the value model's estimate of ``leaf`` (MCTS with lambda > 0)."""
+        return False
+
+    def expanded(self, leaf: int, leaf_value: float | None) -> None:
+        """Called once ``leaf``'s children are added (MCTS evaluates and backs up here)."""
+
     def to_tree(self, template: PromptTemplate, policy: str, settings: dict) -> Tree:
         sampling = {**settings, "question_seed": self.question_seed, "iterations": self.iterations,
                     "expansions": self.expansions}
@@ -176,10 +186,15 @@ class _GrowingTree:
 
 
 class TreeSampler:
-    """Samples one tree per prompt with a RolloutEngine; knows nothing of files or training."""
+    """Samples one tree per prompt with a RolloutEngine; knows nothing of files or training.
+
+    ``cfg.algorithm`` picks SPPD's tree sampling or SVPO's MCTS (:mod:`.mcts`); both expand C children
+    per engine request and write the same Tree records. ``value_prm`` (any ProcessRewardModel) gives
+    MCTS's leaf estimate when ``mcts.value_weight`` > 0.
+    """
 
     def __init__(self, engine: RolloutEngine, tokenizer, cfg: SampleConfig, template: PromptTemplate,
-                 policy: str | None = None):
+                 policy: str | None = None, value_prm=None):
         self.engine = engine
         self.tokenizer = tokenizer
         self.cfg = cfg
@@ -188,11 +203,39 @@ class TreeSampler:
         self.delimiter = StepDelimiter.from_mode(cfg.step_delimiter, cfg.stop_string)
         self.rules = TerminalRules(max_depth=cfg.max_depth, max_total_tokens=cfg.max_total_tokens)
         self.stats = RoundStats()
+        self.value_prm = value_prm
+        if cfg.algorithm == "mcts" and cfg.mcts.value_weight > 0 and value_prm is None:
+            raise ValueError("mcts.value_weight > 0 needs a value model (mcts.value_model)")
+
+    def _grow(self, prompt: Prompt) -> GrowingTree:
+        text, ids = render_prompt(self.template, self.tokenizer, prompt.question)
+        if self.cfg.algorithm == "mcts":
+            from sppd_megatron.sampling.mcts import MCTSTree
+
+            return MCTSTree(prompt, text, ids, self.cfg.seed, self.cfg)
+        return GrowingTree(prompt, text, ids, self.cfg.seed, self.cfg)
+
+    def _leaf_values(self, batch: list[tuple[GrowingTree, int]]) -> list[float | None]:
+        """The value model's estimate of each leaf that needs one (one batched call), else None."""
+        from sppd_megatron.scoring.prm import StepQuery
+
+        wanted = [i for i, (t, leaf) in enumerate(batch) if t.needs_leaf_value(leaf)]
+        out: list[float | None] = [None] * len(batch)
+        if not wanted:
+            return out
+        queries = []
+        for i in wanted:
+            t, leaf = batch[i]
+            queries.append(StepQuery(t.prompt.question, tuple(n.text for n in t._path(leaf)),
+                                     t.prompt.gold_answer, t.prompt_text))
+        for i, values in zip(wanted, self.value_prm.score_batch(queries)):
+            out[i] = values[-1]
+        return out
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _check_retokenisation(self, tree: _GrowingTree, leaf: int, first_new: int) -> None:
+    def _check_retokenisation(self, tree: GrowingTree, leaf: int, first_new: int) -> None:
         """Count the new children of ``leaf`` whose tokens training would not reproduce (see RoundStats)."""
         context = tree.prompt_text + "".join(n.text for n in tree._path(leaf))
         for node in tree.nodes[first_new:]:
@@ -214,12 +257,9 @@ class TreeSampler:
         reset = getattr(self.engine, "reset_prefix_cache", None)
         if reset is not None:
             reset()
-        trees = []
-        for p in prompts:
-            text, ids = render_prompt(self.template, self.tokenizer, p.question)
-            trees.append(_GrowingTree(p, text, ids, self.cfg.seed, self.cfg))
+        trees = [self._grow(p) for p in prompts]
         while True:
-            batch: list[tuple[_GrowingTree, int]] = []
+            batch: list[tuple[GrowingTree, int]] = []
             for t in trees:
                 leaf = t.next_expansion()
                 if leaf is not None:
@@ -238,6 +278,8 @@ class TreeSampler:
                 first_new = len(t.nodes)
                 t.add_children(leaf, generations[i * C:(i + 1) * C], self.delimiter, self.rules, self._decode)
                 self._check_retokenisation(t, leaf, first_new)
+            for (t, leaf), value in zip(batch, self._leaf_values(batch)):
+                t.expanded(leaf, value)
             if on_round is not None:
                 on_round(self.stats)
         settings = self.cfg.sampling_settings()

@@ -18,14 +18,17 @@ from typing import Literal
 
 from sppd_megatron.config import USER_ERRORS, ConfigError, parse_config_command, report_error
 from sppd_megatron.locking import locked
+from sppd_megatron.parallel.state import world_size_from_env
 from sppd_megatron.records import JsonlAppender, Tree, iter_jsonl_lenient
 from sppd_megatron.sampling.config import EngineConfig
 from sppd_megatron.scoring.grading import DEFAULT_TIMEOUT_SECONDS
 from sppd_megatron.scoring.hf_prm import HFPRMConfig, SGLangPRMConfig
 from sppd_megatron.scoring.mc_prm import MonteCarloPRMConfig
 from sppd_megatron.scoring.rejects import RejectsFile
+from sppd_megatron.training.value_prm import ValueHeadPRMConfig
 
-ScorerKind = Literal["tree", "mc", "hf", "sglang"]
+ScorerKind = Literal["tree", "mc", "hf", "sglang", "value_head"]
+SCORER_KINDS = ("tree", "mc", "hf", "sglang", "value_head")
 REJECTS = "rejects.jsonl"
 
 
@@ -52,7 +55,8 @@ class ScoreConfig:
     output_dir: str
     """Scored shards (same file names), ``rejects.jsonl`` and ``score_summary.json``; re-running resumes."""
     scorers: list[ScorerKind] = field(default_factory=lambda: ["tree"])
-    """``tree`` (share of correct leaves, free), ``mc`` (policy rollouts), ``hf`` (transformers PRM), ``sglang``."""
+    """``tree`` (share of correct leaves, free), ``mc`` (policy rollouts), ``hf`` (transformers PRM), ``sglang``,
+    ``value_head`` (the value head of an sppd-megatron checkpoint: stage prm or svpo, any TP/PP)."""
     value_names: dict[str, str] = field(default_factory=dict)
     """Key written in ``node.values`` per scorer kind (default: the kind itself), e.g. ``{hf: skywork}``."""
     hf: HFPRMConfig = field(default_factory=HFPRMConfig)
@@ -61,6 +65,11 @@ class ScoreConfig:
     """The SGLang reward endpoint (scorer ``sglang``)."""
     mc: MCScorerConfig = field(default_factory=MCScorerConfig)
     """The Monte-Carlo PRM (scorer ``mc``)."""
+    value_head: ValueHeadPRMConfig = field(default_factory=ValueHeadPRMConfig)
+    """The learned value head (scorer ``value_head``): ``path`` of its checkpoint, ``parallel`` layout."""
+    calibration_label: str | None = None
+    """A ``values`` key (e.g. ``mc``) to judge the other values of the scored trees against: each one's
+    Brier score and AUC of "leads to a correct answer" go to ``score_summary.json`` (``calibration``)."""
     trees_per_batch: int = 8
     """Trees whose trajectories are scored together (one PRM batch / one engine call). Groups are
     fixed by position in the shard, so keep this value when resuming for byte-identical output."""
@@ -76,11 +85,13 @@ class ScoreConfig:
             raise ValueError("scorers: give at least one of tree, mc, hf, sglang")
         if len(set(self.scorers)) != len(self.scorers):
             raise ValueError(f"scorers: {self.scorers} lists a scorer twice")
-        unknown = sorted(set(self.value_names) - {"tree", "mc", "hf", "sglang"})
+        unknown = sorted(set(self.value_names) - set(SCORER_KINDS))
         if unknown:
             raise ValueError(f"value_names: unknown scorer kind(s) {unknown}")
         if "hf" in self.scorers and not self.hf.path:
             raise ValueError("scorer hf needs hf.path (a PRM checkpoint directory)")
+        if "value_head" in self.scorers and not self.value_head.path:
+            raise ValueError("scorer value_head needs value_head.path (a checkpoint of train stage prm or svpo)")
         if self.trees_per_batch < 1:
             raise ValueError("trees_per_batch must be >= 1")
 
@@ -101,13 +112,17 @@ def input_shards(input_dir: str | Path) -> list[Path]:
 def build_text_prm(kind: str, cfg: ScoreConfig):
     """The PRM object of one text-scorer kind (imports heavy packages only when asked)."""
     if kind == "hf":
-        from sppd_megatron.scoring.hf_prm import StepTagPRM, ValueHeadPRM
+        from sppd_megatron.scoring.hf_prm import HF_PRM_STYLES
 
-        return (ValueHeadPRM if cfg.hf.style == "value_head" else StepTagPRM).from_pretrained(cfg.hf)
+        return HF_PRM_STYLES[cfg.hf.style].from_pretrained(cfg.hf)
     if kind == "sglang":
         from sppd_megatron.scoring.hf_prm import SGLangRewardPRM
 
         return SGLangRewardPRM(cfg.sglang)
+    if kind == "value_head":
+        from sppd_megatron.training.value_prm import MegatronValuePRM
+
+        return MegatronValuePRM(cfg.value_head)
     if kind == "mc":
         from sppd_megatron.sampling.engines import build_engine
         from sppd_megatron.scoring.mc_prm import MonteCarloPRM
@@ -195,21 +210,49 @@ def _score(cfg: ScoreConfig, prms: dict | None) -> dict:
         bar.close()
         rejects.close()
         for prm in prms.values():
-            close = getattr(getattr(prm, "engine", None), "close", None)
-            if close is not None:
-                close()
+            for close in (getattr(getattr(prm, "engine", None), "close", None), getattr(prm, "close", None)):
+                if close is not None:
+                    close()
     if summary["trees"] == 0:
         raise ValueError(f"{cfg.input_dir}: no trees in {', '.join(str(s) for s in shards)} (empty input)")
     summary["seconds"] = round(time.perf_counter() - start, 3)
     summary["scorers"] = {kind: cfg.value_name(kind) for kind in cfg.scorers}
+    if cfg.calibration_label:
+        summary["calibration"] = calibration_of(out_dir, [s.name for s in shards], cfg.calibration_label)
     (out_dir / "score_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
+
+
+def _serves(cfg: ScoreConfig) -> bool:
+    """Under torchrun, ranks other than 0 serve the value-head PRM to rank 0, which runs the stage."""
+    if world_size_from_env() == 1:
+        return False
+    if "value_head" not in cfg.scorers:
+        raise ConfigError("several processes (torchrun) score with the value_head scorer only (its TP/PP/DP "
+                          "layout); run the other scorers in one process")
+    from sppd_megatron.training.value_prm import follow
+
+    return follow(lambda: build_text_prm("value_head", cfg))
+
+
+def calibration_of(out_dir: Path, shard_names: list[str], label: str) -> dict:
+    """Every value of the scored trees in ``out_dir`` against ``label`` (Brier, AUC; see scoring.calibration)."""
+    from sppd_megatron.records import read_jsonl
+    from sppd_megatron.scoring.calibration import value_calibration
+
+    trees = [t for name in shard_names if (out_dir / name).is_file() for t in read_jsonl(out_dir / name, Tree)]
+    names = sorted({k for t in trees for n in t.nodes for k in n.values} - {label})
+    return {"label": label, "values": {name: value_calibration(trees, name, label) for name in names}}
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config_command("sppd-megatron score", ScoreConfig, argv, __doc__, "scorers=[tree,mc]")
-        summary = run_scoring(cfg)
+        if _serves(cfg):
+            return 0
+        # Under torchrun the serving ranks wait for rank 0's PRM from the start, work or not.
+        multi = world_size_from_env() > 1
+        summary = run_scoring(cfg, {"value_head": build_text_prm("value_head", cfg)} if multi else None)
     except (*USER_ERRORS, RuntimeError) as exc:  # RuntimeError: an unreachable reward server, said in one line
         return report_error("sppd-megatron score", exc)
     accuracy = summary["correct"] / summary["terminal"] if summary["terminal"] else 0.0

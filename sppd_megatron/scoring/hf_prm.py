@@ -1,16 +1,23 @@
 """Process reward models run through transformers, or served by an SGLang reward endpoint.
 
-Two ways a trained PRM reads a step's value, both computed for every step in one forward pass:
+Three ways a trained PRM reads a step's value, each computed for every step in one forward pass:
 
 - value head (Skywork-o1-Open-PRM-Qwen-2.5-7B style): a linear layer on the backbone's hidden state
   at each step's last token, then a sigmoid;
 - step tag (Math-Shepherd style): a tag token follows each step, and the value is the probability
-  of the "good" token against the "bad" token in the LM's prediction at the tag.
+  of the "good" token against the "bad" token in the LM's prediction at the tag;
+- Qwen2.5-Math-PRM style (``qwen_prm``): the conversation (system prompt, the question as the user
+  turn, the steps as the assistant turn, each step with its trailing blank line dropped and followed
+  by ``<extra_0>``) rendered by the checkpoint's chat template; the value at each ``<extra_0>`` is the
+  positive-class probability of a two-way head, Linear(H, H) -> ReLU -> Linear(H, 2) (the
+  checkpoint's ``score.0`` / ``score.2`` tensors). As Qwen's model card computes it, without the
+  checkpoint's remote code: the backbone loads as the transformers Qwen2 model, the head from the
+  safetensors files.
 
-The input is ``question_format.format(question=...)`` followed by each step (+ ``step_separator``),
-each piece tokenised on its own so step boundaries are exact token positions. Batches are padded
-on the right; with causal attention padding cannot change any real position, so a batch scores
-exactly what the queries score one by one.
+For the first two the input is ``question_format.format(question=...)`` followed by each step (+
+``step_separator``), each piece tokenised on its own so step boundaries are exact token positions.
+Batches are padded on the right; with causal attention padding cannot change any real position, so
+a batch scores exactly what the queries score one by one.
 """
 
 from __future__ import annotations
@@ -32,8 +39,9 @@ class HFPRMConfig:
 
     path: str = ""
     """Hugging Face model directory (nothing is downloaded)."""
-    style: Literal["value_head", "step_tag"] = "value_head"
-    """How step values are read: a linear value head (Skywork) or a step-tag token probability (Math-Shepherd)."""
+    style: Literal["value_head", "step_tag", "qwen_prm"] = "value_head"
+    """How step values are read: a linear value head (Skywork), a step-tag token probability (Math-Shepherd),
+    or Qwen2.5-Math-PRM's two-way head at each ``<extra_0>``."""
     tokenizer: str = ""
     """Tokenizer directory or ``builtin:char``; empty means the model directory."""
     device: str = "auto"
@@ -50,10 +58,14 @@ class HFPRMConfig:
     """Appended to every step (tree steps already end with their delimiter; Skywork splits steps on "\\n")."""
     add_bos: bool = True
     """Start the input with the tokenizer's BOS token when it has one."""
-    value_head_key: str = "v_head.summary"
-    """value_head style: key prefix of the head's ``.weight``/``.bias`` in the directory's safetensors files."""
-    step_tag: str = "ки"
-    """step_tag style: the tag token placed after each step."""
+    value_head_key: str | None = None
+    """Key prefix of the head's tensors in the directory's safetensors files: value_head style, the
+    linear head's ``.weight``/``.bias`` (default ``v_head.summary``); qwen_prm, the two-layer head's
+    ``.0`` / ``.2`` layers (default ``score``)."""
+    step_tag: str | None = None
+    """The tag token placed after each step: step_tag style (default ``ки``), qwen_prm (default ``<extra_0>``)."""
+    system_prompt: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    """qwen_prm style: the system turn of the conversation (Qwen's model card)."""
     good_token: str = "+"
     """step_tag style: the token whose probability is the step's value."""
     bad_token: str = "-"
@@ -67,6 +79,10 @@ class HFPRMConfig:
             raise ValueError("batch_size must be >= 1 and max_length >= 2")
         if "{question}" not in self.question_format:
             raise ValueError("question_format must contain {question}")
+        if self.value_head_key is None:
+            self.value_head_key = "score" if self.style == "qwen_prm" else "v_head.summary"
+        if self.step_tag is None:
+            self.step_tag = "<extra_0>" if self.style == "qwen_prm" else "ки"
 
 
 def _resolve_device(device: str):
@@ -180,20 +196,12 @@ class ValueHeadPRM(_TransformersPRM):
     def from_pretrained(cls, config: HFPRMConfig) -> "ValueHeadPRM":
         """Backbone through ``AutoModel``; the head's tensors found by key prefix in the safetensors files."""
         import torch
-        from safetensors import safe_open
-        from transformers import AutoModel
 
         from sppd_megatron.tokenization import load_tokenizer
 
         path = Path(config.path)
-        dtype = getattr(torch, config.dtype)
-        backbone = _load_pretrained(AutoModel, config, dtype)
-        tensors = {}
-        for file in sorted(path.glob("*.safetensors")):
-            with safe_open(str(file), framework="pt") as fh:
-                for key in fh.keys():
-                    if key.startswith(config.value_head_key + "."):
-                        tensors[key[len(config.value_head_key) + 1 :]] = fh.get_tensor(key)
+        backbone = _backbone(config)
+        tensors = _head_tensors(path, config.value_head_key)
         if "weight" not in tensors:
             raise ValueError(f"{path}: no '{config.value_head_key}.weight' in its safetensors files (value_head_key)")
         weight = tensors["weight"].reshape(1, -1)
@@ -204,6 +212,35 @@ class ValueHeadPRM(_TransformersPRM):
                 head.bias.copy_(tensors["bias"].reshape(1))
         tokenizer = load_tokenizer(config.tokenizer or path)
         return cls(backbone.to(_resolve_device(config.device)), head, tokenizer, config)
+
+
+def _backbone(config: HFPRMConfig):
+    """The checkpoint's transformer without its head, as the transformers class of its model type.
+
+    With ``trust_remote_code`` off (the default), a PRM whose config names remote classes
+    (Qwen2.5-Math-PRM's ``auto_map``) loads as the local architecture of its ``model_type``; its
+    head is read apart.
+    """
+    import torch
+    from transformers import AutoModel
+
+    return _load_pretrained(AutoModel, config, getattr(torch, config.dtype))
+
+
+def _head_tensors(path: Path, prefix: str) -> dict:
+    """``{name after the prefix: tensor}`` for every safetensors entry under ``prefix.``."""
+    from safetensors import safe_open
+
+    tensors = {}
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                for key in fh.keys():
+                    if key.startswith(prefix + "."):
+                        tensors[key[len(prefix) + 1:]] = fh.get_tensor(key)
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            raise ValueError(f"{file}: cannot read the PRM head ({type(exc).__name__}: {exc})") from None
+    return tensors
 
 
 class StepTagPRM(_TransformersPRM):
@@ -236,6 +273,68 @@ class StepTagPRM(_TransformersPRM):
         model = _load_pretrained(AutoModelForCausalLM, config, getattr(torch, config.dtype))
         tokenizer = load_tokenizer(config.tokenizer or config.path)
         return cls(model.to(_resolve_device(config.device)), tokenizer, config)
+
+
+class QwenMathPRM(_TransformersPRM):
+    """Qwen2.5-Math-PRM style: softmax(head(h))[1] at each ``<extra_0>`` of the rendered conversation."""
+
+    name = "qwen_prm"
+
+    def __init__(self, backbone, head, tokenizer, config: HFPRMConfig):
+        super().__init__(backbone, tokenizer, config)
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"{config.path}: style qwen_prm renders the conversation with the checkpoint's chat "
+                             "template, and its tokenizer has none")
+        self.tag_id = _single_token_id(tokenizer, config.step_tag, "step_tag")
+        self.head = head.to(self.device, dtype=next(backbone.parameters()).dtype).eval()
+
+    def _build(self, query: StepQuery) -> tuple[list[int], list[int]]:
+        cfg = self.config
+        # Qwen's card splits a solution at blank lines and drops them; tree steps keep theirs.
+        content = "".join(step.rstrip() + cfg.step_tag for step in query.steps)
+        messages = [{"role": "system", "content": cfg.system_prompt}, {"role": "user", "content": query.question},
+                    {"role": "assistant", "content": content}]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        ids = self.tokenizer.encode(text)
+        positions = [i for i, t in enumerate(ids) if t == self.tag_id]
+        if len(positions) != len(query.steps):
+            raise ValueError(f"PRM input of question {query.question[:60]!r} holds {len(positions)} {cfg.step_tag!r} "
+                             f"tags for {len(query.steps)} steps (a step or the question contains the tag?)")
+        if len(ids) > cfg.max_length:
+            raise ValueError(f"PRM input of {len(ids)} tokens exceeds max_length={cfg.max_length} "
+                             f"(question {query.question[:60]!r}); raise max_length")
+        return ids, positions
+
+    def _values(self, input_ids, attention_mask, positions):
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        index = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        logits = self.head(hidden.gather(1, index))  # (B, T, 2)
+        return logits.float().softmax(-1)[..., 1]
+
+    @classmethod
+    def from_pretrained(cls, config: HFPRMConfig) -> "QwenMathPRM":
+        import torch
+
+        from sppd_megatron.tokenization import load_tokenizer
+
+        path = Path(config.path)
+        tensors = _head_tensors(path, config.value_head_key)
+        need = ["0.weight", "0.bias", "2.weight", "2.bias"]
+        missing = [f"{config.value_head_key}.{k}" for k in need if k not in tensors]
+        if missing:
+            raise ValueError(f"{path}: no {missing} in its safetensors files (a Qwen2.5-Math-PRM head is "
+                             f"{config.value_head_key}.0 and {config.value_head_key}.2; value_head_key)")
+        hidden, labels = tensors["0.weight"].shape[1], tensors["2.weight"].shape[0]
+        if labels != 2:
+            raise ValueError(f"{path}: {config.value_head_key}.2 has {labels} outputs; style qwen_prm reads a two-way head")
+        head = torch.nn.Sequential(torch.nn.Linear(hidden, tensors["0.weight"].shape[0]), torch.nn.ReLU(),
+                                   torch.nn.Linear(tensors["2.weight"].shape[1], 2))
+        head.load_state_dict({k: tensors[k] for k in need})
+        tokenizer = load_tokenizer(config.tokenizer or path)
+        return cls(_backbone(config).to(_resolve_device(config.device)), head, tokenizer, config)
+
+
+HF_PRM_STYLES = {"value_head": ValueHeadPRM, "step_tag": StepTagPRM, "qwen_prm": QwenMathPRM}
 
 
 @dataclass

@@ -14,17 +14,22 @@ from sppd_megatron.scoring.prm import ProcessRewardModel, StepQuery
 from sppd_megatron.scoring.tree_value import tree_values
 
 
+def verdict(state_text: str, gold_answer: str,
+            timeout_seconds: float | None = DEFAULT_TIMEOUT_SECONDS) -> tuple[str | None, bool]:
+    """``(answer, correct)`` of a complete solution: the answer it states, and whether that is the gold one."""
+    answer = extract_answer(state_text)
+    return answer, answer is not None and grade(state_text, gold_answer, timeout_seconds)
+
+
 def grade_tree(tree: Tree, timeout_seconds: float | None = DEFAULT_TIMEOUT_SECONDS, regrade: bool = False) -> None:
     """Set ``answer`` and ``correct`` on every terminal node from its whole state text.
 
-    Nodes already graded keep their verdict unless ``regrade``.
+    Nodes already graded (MCTS grades its terminals while it searches) keep their verdict unless ``regrade``.
     """
     for node in tree.nodes[1:]:
         if not node.terminal or (node.correct is not None and not regrade):
             continue
-        text = tree.state_text(node.node_id)
-        node.answer = extract_answer(text)
-        node.correct = node.answer is not None and grade(text, tree.gold_answer, timeout_seconds)
+        node.answer, node.correct = verdict(tree.state_text(node.node_id), tree.gold_answer, timeout_seconds)
 
 
 def leaf_queries(tree: Tree) -> list[tuple[list[int], StepQuery]]:

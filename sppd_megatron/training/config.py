@@ -10,7 +10,7 @@ from sppd_megatron.models.builder import PrecisionConfig
 from sppd_megatron.models.config import ModelConfig
 from sppd_megatron.parallel.state import ParallelConfig
 
-Stage = Literal["sft", "dpo", "step_dpo", "svpo"]
+Stage = Literal["sft", "dpo", "step_dpo", "svpo", "prm"]
 Overlong = Literal["error", "drop", "truncate"]
 """``data.overlong``: what a record longer than ``data.max_length`` does (see DataConfig)."""
 
@@ -36,7 +36,10 @@ class DataConfig:
     """Training records and how they become token sequences."""
 
     train_file: str = ""
-    """JSONL of SFTExample (stage sft) or PreferencePair records (dpo, step_dpo, svpo)."""
+    """JSONL of SFTExample (stage sft) or PreferencePair records (dpo, step_dpo, svpo); for stage prm,
+    scored trees (a ``trees-*.jsonl`` directory written by ``sppd-megatron score``, or one such file)."""
+    value_name: str = "tree"
+    """Stage prm: the ``values`` entry of the trees that labels each state (``tree``, ``mc``, ``mcts_q``...)."""
     tokenizer: str | None = None
     """Tokenizer directory or ``builtin:char``; defaults to the init checkpoint's tokenizer."""
     max_length: int = 512
@@ -91,7 +94,12 @@ class LossConfig:
     """dpo and step_dpo: weight of the NLL on the chosen continuation (RPO, Pang et al. 2024; TRL's
     ``loss_type=["sigmoid", "sft"]``). 0 is the paper's loss. svpo has its own ``svpo_weights.sft``."""
     svpo_rank_margin: float = 0.5
+    """delta of the value margin-ranking term relu(delta - (v_w - v_l)) (svpo; prm with value_rank_weight > 0)."""
     svpo_weights: SVPOWeights = field(default_factory=SVPOWeights)
+    value_rank_weight: float = 0.0
+    """prm: weight of SVPO eq. 10's margin term over sibling states (0: the MSE of eq. 7 alone)."""
+    value_rank_threshold: float = 0.5
+    """prm: siblings whose labels differ by more than this form the margin term's pairs (SPPD's D_step threshold)."""
     reference: Literal["precomputed", "co_resident"] = "precomputed"
     """precomputed: one forward pass of the initial policy stores reference log-probs with the
     dataset before training (one model in memory); co_resident: a frozen copy computes them each step."""
@@ -103,6 +111,8 @@ class LossConfig:
             raise ValueError("loss.rpo_alpha must be >= 0")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError("loss.label_smoothing must be in [0, 0.5)")
+        if self.value_rank_weight < 0:
+            raise ValueError("loss.value_rank_weight must be >= 0")
 
 
 @dataclass
@@ -195,6 +205,9 @@ class TrainConfig:
             self.data.pack_length = self.data.max_length * (1 if self.stage == "sft" else 2)
         if self.data.packing == "none" and self.schedule.global_batch_size % self.schedule.micro_batch_size:
             raise ValueError("schedule.global_batch_size must be a multiple of schedule.micro_batch_size")
+        if self.stage == "prm" and self.data.packing == "none":
+            raise ValueError("stage prm needs a packed layout (data.packing sequences, pairs or trees): its examples "
+                             "are sibling groups of any size, which padded micro-batches cannot hold in one shape")
         if self.init.source == "random" and self.model is None:
             raise ValueError("init.source=random needs a model: section")
         if self.model is not None:

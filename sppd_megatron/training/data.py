@@ -14,6 +14,9 @@ it on every record it builds, with the training stage's settings, so the loop ne
 training a record that training would refuse.
 
 A pair is two rows (chosen, rejected) that always travel together, so they share a micro-batch.
+The ``prm`` stage reads scored trees instead: one example per sibling group (the children of one
+state), a row per child state (:func:`state_row`, the same rows the value-head PRM scores), so
+siblings share a micro-batch too.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 
-from sppd_megatron.records import PreferencePair, RecordError, SFTExample, iter_jsonl_lenient
+from sppd_megatron.records import PreferencePair, RecordError, SFTExample, Tree, iter_jsonl_lenient
 from sppd_megatron.tokenization import encode_continuation
 from sppd_megatron.training.config import Overlong
 
@@ -69,6 +72,13 @@ def _row(tokenizer, context: str, continuation: str, ends: bool, append_eos: boo
     return Row(ids=ids, context_len=ctx_len, ends_with_eos=eos)
 
 
+def state_row(tokenizer, prompt: str, prefix: str, step: str) -> Row:
+    """The row whose last token is where a value head reads V(state after ``step``): context ``prompt +
+    prefix`` (the earlier steps), continuation ``step`` and no EOS. Training (stage prm) and serving
+    (:class:`~sppd_megatron.training.value_prm.MegatronValuePRM`) build value rows only here."""
+    return _row(tokenizer, prompt + prefix, step, ends=False, append_eos=False)
+
+
 def _fit(row: Row, max_length: int, overlong: Overlong) -> Row:
     """``row`` if it fits ``max_length``; its left-truncated copy under ``truncate``; else TooLong."""
     if len(row.ids) <= max_length:
@@ -104,69 +114,116 @@ def build_example(rec: SFTExample | PreferencePair, tokenizer, max_length: int, 
         values = [rec.chosen_value, rec.rejected_value]
         refs = [rec.ref_chosen_logp, rec.ref_rejected_logp]
     fitted = [_fit(r, max_length, overlong) for r in rows]
-    if vocab_size is not None:
-        top = max(max(r.ids) for r in fitted)
-        if top >= vocab_size:
-            raise RecordError(
-                f"token id {top} is outside the model's vocabulary ({vocab_size}): wrong tokenizer for this model?"
-            )
+    _check_vocab(fitted, vocab_size)
     state = rec.prompt if isinstance(rec, SFTExample) else rec.prompt + rec.prefix
     return Example(rows=fitted, values=values, ref_logps=refs, where=where, line=line,
                    truncated=any(f is not r for f, r in zip(fitted, rows)), tree=rec.question_id or where,
                    state=state)
 
 
+def _check_vocab(rows: list[Row], vocab_size: int | None) -> None:
+    if vocab_size is not None:
+        top = max(max(r.ids) for r in rows)
+        if top >= vocab_size:
+            raise RecordError(
+                f"token id {top} is outside the model's vocabulary ({vocab_size}): wrong tokenizer for this model?"
+            )
+
+
+def value_examples(tree: Tree, value_name: str, tokenizer, max_length: int, vocab_size: int | None = None,
+                   overlong: Overlong = "error", where: str = "", line: int = 0) -> list[Example]:
+    """Stage prm: one example per state of ``tree`` that has children, its children's states as rows,
+    labelled with their ``values[value_name]``; RecordError when a step has no such value."""
+    children: dict[int, list] = {}
+    for node in tree.nodes[1:]:
+        if value_name not in node.values:
+            raise RecordError(f"tree {tree.id}: node {node.node_id} has no value '{value_name}' "
+                              f"(values: {sorted(node.values) or 'none'}; data.value_name)")
+        children.setdefault(node.parent, []).append(node)
+    out = []
+    for parent, kids in sorted(children.items()):
+        prefix = tree.state_text(parent)
+        rows = [state_row(tokenizer, tree.prompt, prefix, k.text) for k in kids]
+        fitted = [_fit(r, max_length, overlong) for r in rows]
+        _check_vocab(fitted, vocab_size)
+        out.append(Example(rows=fitted, values=[k.values[value_name] for k in kids], ref_logps=[None] * len(kids),
+                           where=where, line=line, tree=tree.id, state=tree.prompt + prefix,
+                           truncated=any(f is not r for f, r in zip(fitted, rows))))
+    return out
+
+
+def _records(path: Path, stage: str):
+    """``(file, line, record or None, reason)`` for every line the stage reads."""
+    if stage == "prm":
+        from sppd_megatron.scoring.cli import input_shards
+
+        try:
+            files, cls = input_shards(path), Tree
+        except FileNotFoundError as exc:
+            raise DataError(str(exc)) from None
+    else:
+        files, cls = [path], SFTExample if stage == "sft" else PreferencePair
+    for file in files:
+        for lineno, rec, reason in iter_jsonl_lenient(file, cls):
+            yield file, lineno, rec, reason
+
+
 def load_examples(path: str | Path, stage: str, tokenizer, max_length: int, vocab_size: int,
                   append_eos: bool = True, need_values: bool = False, overlong: Overlong = "error",
-                  rejects: str | Path | None = None) -> list[Example]:
+                  rejects: str | Path | None = None, value_name: str = "tree") -> list[Example]:
     """Every record of ``path`` read, validated and tokenised; DataError lists what is wrong.
 
     A list for small files and tools; training streams the same records into a memory-mapped
     :class:`~sppd_megatron.training.dataset.TokenizedDataset` with :func:`read_examples`.
     """
     return list(read_examples(path, stage, tokenizer, max_length, vocab_size, append_eos, need_values, overlong,
-                              rejects))
+                              rejects, value_name))
 
 
 def read_examples(path: str | Path, stage: str, tokenizer, max_length: int, vocab_size: int,
                   append_eos: bool = True, need_values: bool = False, overlong: Overlong = "error",
-                  rejects: str | Path | None = None) -> Iterator[Example]:
+                  rejects: str | Path | None = None, value_name: str = "tree") -> Iterator[Example]:
     """Yield the examples of ``path`` in file order; at the end raise DataError if any record was bad.
 
     Bad records do not stop the reading until ``MAX_REPORTED_ERRORS``, so one run names them all.
     With ``overlong=drop`` the records too long are left out; ``rejects`` (given on one rank) is
-    where they are listed, ``{"file", "line", "reason"}`` each, and the counts are printed.
+    where they are listed, ``{"file", "line", "reason"}`` each, and the counts are printed. Stage
+    ``prm`` reads the scored trees of ``path`` (a directory of shards or one file), labelled by ``value_name``.
     """
-    record_cls = SFTExample if stage == "sft" else PreferencePair
     errors: list[str] = []
-    dropped: list[tuple[int, str]] = []
+    dropped: list[tuple[Path, int, str]] = []
     kept = truncated = 0
     path = Path(path)
-    if not path.is_file():
+    if not (path.is_file() or (stage == "prm" and path.is_dir())):
         raise DataError(f"{path}: training file not found")
 
-    def fail(line: int, reason: str) -> None:
-        errors.append(f"{path}:{line}: {reason}")
+    def fail(file: Path, line: int, reason: str) -> None:
+        errors.append(f"{file}:{line}: {reason}")
 
-    for lineno, rec, reason in iter_jsonl_lenient(path, record_cls):
+    for file, lineno, rec, reason in _records(path, stage):
         if rec is None:
-            fail(lineno, reason)
+            fail(file, lineno, reason)
         else:
             try:
-                example = build_example(rec, tokenizer, max_length, vocab_size, append_eos, need_values,
-                                        overlong, where=f"{path}:{lineno}", line=lineno)
+                if stage == "prm":
+                    built = value_examples(rec, value_name, tokenizer, max_length, vocab_size, overlong,
+                                           where=f"{file}:{lineno}", line=lineno)
+                else:
+                    built = [build_example(rec, tokenizer, max_length, vocab_size, append_eos, need_values,
+                                           overlong, where=f"{file}:{lineno}", line=lineno)]
             except TooLong as exc:
                 if overlong == "drop":
-                    dropped.append((lineno, exc.reason))
+                    dropped.append((file, lineno, exc.reason))
                 else:
-                    fail(lineno, exc.reason)
+                    fail(file, lineno, exc.reason)
             except RecordError as exc:
-                fail(lineno, exc.reason)
+                fail(file, lineno, exc.reason)
             else:
                 if not errors:  # after the first bad record, only look for more
-                    kept += 1
-                    truncated += example.truncated
-                    yield example
+                    for example in built:
+                        kept += 1
+                        truncated += example.truncated
+                        yield example
         if len(errors) >= MAX_REPORTED_ERRORS:
             break
     if errors:
@@ -179,14 +236,14 @@ def read_examples(path: str | Path, stage: str, tokenizer, max_length: int, voca
                                                  f"data.max_length={max_length}" if dropped else ""))
 
 
-def _report_overlong(path: Path, rejects: str | Path, overlong: Overlong, dropped: list[tuple[int, str]],
+def _report_overlong(path: Path, rejects: str | Path, overlong: Overlong, dropped: list[tuple[Path, int, str]],
                      truncated: int, max_length: int) -> None:
     from sppd_megatron.scoring.rejects import RejectsFile
 
     if overlong == "drop":  # the file is rewritten every time, as the records are re-read
         with RejectsFile(rejects) as out:
-            for line, reason in dropped:
-                out.add(path, line, reason, "longer than data.max_length")
+            for file, line, reason in dropped:
+                out.add(file, line, reason, "longer than data.max_length")
     if dropped:
         print(f"{path}: dropped {len(dropped)} record(s) longer than data.max_length={max_length} "
               f"(data.overlong=drop); listed in {rejects}", flush=True)

@@ -163,7 +163,8 @@ def training_dataset(cfg, tokenizer, vocab_size: int, need_values: bool) -> Toke
         try:
             examples = read_examples(cfg.data.train_file, cfg.stage, tokenizer, cfg.data.max_length, vocab_size,
                                      append_eos=cfg.data.append_eos, need_values=need_values,
-                                     overlong=cfg.data.overlong, rejects=out_dir / "rejects.jsonl")
+                                     overlong=cfg.data.overlong, rejects=out_dir / "rejects.jsonl",
+                                     value_name=cfg.data.value_name)
             TokenizedDataset.build(examples, directory, str(cfg.data.train_file), fingerprint)
         except DataError as exc:
             error = str(exc)
@@ -178,14 +179,27 @@ def training_dataset(cfg, tokenizer, vocab_size: int, need_values: bool) -> Toke
 
 def _fingerprint(cfg, tokenizer, vocab_size: int, need_values: bool, config_to_dict) -> str:
     h = hashlib.sha256()
-    with open(cfg.data.train_file, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            h.update(block)
-    data = {k: v for k, v in config_to_dict(cfg.data).items() if k in ("max_length", "append_eos", "overlong")}
+    for file in _input_files(cfg):
+        h.update(file.name.encode())
+        with file.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+    data = {k: v for k, v in config_to_dict(cfg.data).items()
+            if k in ("max_length", "append_eos", "overlong", "value_name")}
     h.update(json.dumps({"data": data, "stage": cfg.stage, "vocab": vocab_size, "need_values": need_values,
                          "tokenizer": getattr(tokenizer, "name_or_path", ""), "vocab_hash": _tokenizer_hash(tokenizer)},
                         sort_keys=True).encode())
     return h.hexdigest()
+
+
+def _input_files(cfg) -> list[Path]:
+    """The files the stage reads: the training file, or stage prm's tree shards."""
+    path = Path(cfg.data.train_file)
+    if cfg.stage == "prm" and path.is_dir():
+        from sppd_megatron.scoring.cli import input_shards
+
+        return input_shards(path)
+    return [path]
 
 
 def _tokenizer_hash(tokenizer) -> str:

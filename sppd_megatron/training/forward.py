@@ -64,8 +64,13 @@ def compute_losses(stage: str, cfg: LossConfig, model, output: torch.Tensor, bat
                    vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Per-example losses, their weights in the global mean, and metrics of one micro-batch.
 
-    Pairs are rows 2i (chosen) and 2i+1 (rejected) and weigh one each.
+    Pairs are rows 2i (chosen) and 2i+1 (rejected) and weigh one each; prm states weigh one each.
     """
+    if stage == "prm":
+        v = _value_predictions(model, batch)
+        per_state, metrics = losses.value_loss(v, batch["values"].to(v.dtype), batch["row_example"],
+                                               cfg.value_rank_weight, cfg.svpo_rank_margin, cfg.value_rank_threshold)
+        return per_state, torch.ones_like(per_state), metrics
     seq_lp, counts = sequence_logps(output, batch, vocab_size)
     if stage == "sft":
         return losses.sft_loss(seq_lp, counts, cfg.sft_reduction)
@@ -118,6 +123,23 @@ def make_forward_step(stage: str, cfg: LossConfig, vocab_size: int) -> Callable:
         return output, partial(_loss_func, stage, cfg, model, batch, vocab_size)
 
     return forward_step
+
+
+def make_value_step() -> Callable:
+    """Forward-only step that reports the value head's output at each row's last token (value-head PRM)."""
+
+    def value_step(data_iterator, model):
+        batch = batch_to_device(next(data_iterator), model_device(model))
+        output = model(batch["tokens"], batch["position_ids"], attention_mask(batch))
+
+        def loss_func(output_tensor):
+            v = _value_predictions(model, batch)
+            count = torch.tensor(v.numel(), dtype=torch.int, device=v.device)
+            return v.sum(), count, {"values": v.detach()}
+
+        return output, loss_func
+
+    return value_step
 
 
 def make_logp_step(vocab_size: int) -> Callable:

@@ -10,6 +10,9 @@ from sppd_megatron.models.config import ModelConfig
 from sppd_megatron.tokenization import CHAR_TOKENIZER_SPEC
 from sppd_megatron.training.config import TrainConfig
 
+VALUE_HEAD_STAGES = ("svpo", "prm")
+"""Stages whose policy carries SVPO's value head (and whose checkpoints do)."""
+
 
 def resolve_model_and_tokenizer(cfg: TrainConfig) -> tuple[ModelConfig, str]:
     """The architecture and tokenizer the run uses, from the config or the init checkpoint.
@@ -54,7 +57,7 @@ def build_policy(cfg: TrainConfig, model_cfg: ModelConfig):
     from sppd_megatron.conversion.mapping import load_hf_into_model
     from sppd_megatron.models.builder import build_gpt_model
 
-    model = build_gpt_model(model_cfg, cfg.precision, with_value_head=cfg.stage == "svpo", seed=cfg.init.seed,
+    model = build_gpt_model(model_cfg, cfg.precision, with_value_head=cfg.stage in VALUE_HEAD_STAGES, seed=cfg.init.seed,
                             tree_masks=cfg.data.packing != "none", parallel=cfg.parallel)
     model.config.calculate_per_token_loss = True
     if cfg.init.source == "random":

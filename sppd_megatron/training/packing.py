@@ -27,7 +27,9 @@ A micro-batch is a dict of host tensors (moved to the model's device by the forw
   ``loss_row`` [T] (which row the predicted token belongs to): one entry per continuation token;
 - ``row_end_index`` [R]: flat position of each row's last non-EOS token (the value head reads it);
 - ``values``, ``ref_logps`` [R], NaN where unknown;
-- ``row_source`` [R]: each row's index among all rows of the examples given (bins may reorder pairs).
+- ``row_source`` [R]: each row's index among all rows of the examples given (bins may reorder pairs);
+- ``row_example`` [R]: which example of the micro-batch each row belongs to (0, 1, ... in row order; the
+  prm stage's margin term pairs siblings, the rows of one example).
 
 Within a micro-batch rows keep the order of their examples: row 2i is a chosen, 2i+1 its rejected.
 """
@@ -201,22 +203,22 @@ def pack(examples: list, packing: Packing, pack_length: int, pad_id: int,
     return [_bin_tensors([units[i] for i in sorted(b)], pack_length, pad_id, row_index) for b in bins]
 
 
-def _row_numbers(examples: list) -> dict[int, int]:
-    """id(row) -> its index among all rows of ``examples`` (row 2i chosen, 2i+1 rejected)."""
+def _row_numbers(examples: list) -> dict[int, tuple[int, int]]:
+    """id(row) -> (its index among all rows of ``examples``, its example's index); row 2i chosen, 2i+1 rejected."""
     out, n = {}, 0
-    for ex in examples:
+    for e, ex in enumerate(examples):
         for row in ex.rows:
-            out[id(row)] = n
+            out[id(row)] = (n, e)
             n += 1
     return out
 
 
-def _bin_tensors(units: list[_Unit], pack_length: int, pad_id: int, row_index: dict[int, int]) -> dict:
+def _bin_tensors(units: list[_Unit], pack_length: int, pad_id: int, row_index: dict[int, tuple[int, int]]) -> dict:
     tokens = torch.full((pack_length,), pad_id, dtype=torch.long)
     positions = torch.zeros(pack_length, dtype=torch.long)
     nodes = torch.zeros(pack_length, dtype=torch.long)
     parents: list[int] = []
-    loss_index, loss_label, loss_row, row_ids, end_index = [], [], [], [], []
+    loss_index, loss_label, loss_row, row_ids, end_index, row_ex = [], [], [], [], [], []
     values, refs = [], []
     at = 0
     for unit in units:
@@ -226,8 +228,9 @@ def _bin_tensors(units: list[_Unit], pack_length: int, pad_id: int, row_index: d
         nodes[at:at + n] = torch.tensor(unit.node) + base
         parents += [p + base if p >= 0 else -1 for p in unit.node_parent]
         for row, where in zip(unit.rows, unit.row_positions):
-            r = row_index[id(row)]
+            r, e = row_index[id(row)]
             row_ids.append(r)
+            row_ex.append(e)
             for k in range(row.context_len, len(row.ids)):
                 loss_index.append(at + where[k - 1])
                 loss_label.append(row.ids[k])
@@ -247,8 +250,10 @@ def _bin_tensors(units: list[_Unit], pack_length: int, pad_id: int, row_index: d
     # Rows of this bin renumbered 0..R-1 in example order (bins hold whole examples).
     local = {r: i for i, r in enumerate(sorted(row_ids))}
     by_row = sorted(range(len(row_ids)), key=lambda i: row_ids[i])
+    local_example = {e: i for i, e in enumerate(sorted(set(row_ex)))}
     return {
         "row_source": torch.tensor(sorted(row_ids), dtype=torch.long),
+        "row_example": torch.tensor([local_example[row_ex[i]] for i in by_row], dtype=torch.long),
         "tokens": tokens[None],
         "position_ids": positions[None],
         "attention_nodes": nodes[None],
@@ -284,6 +289,7 @@ def pad(examples: list, max_length: int, pad_id: int, first_row: int = 0) -> dic
         end_index.append(i * max_length + len(r.ids) - 1 - (1 if r.ends_with_eos else 0))
     return {
         "row_source": torch.arange(first_row, first_row + n),
+        "row_example": torch.tensor([e for e, ex in enumerate(examples) for _ in ex.rows], dtype=torch.long),
         "tokens": tokens,
         "position_ids": torch.arange(max_length).unsqueeze(0).expand(n, max_length).contiguous(),
         "loss_index": torch.tensor(loss_index, dtype=torch.long),
@@ -301,7 +307,7 @@ def stack_bins(bins: list[dict[str, torch.Tensor]], count: int, pad_id: int) -> 
     s = bins[0]["tokens"].shape[1]
     nodes = max(b["node_ancestors"].shape[-1] for b in bins)
     out: dict[str, list] = {k: [] for k in bins[0]}
-    rows = 0
+    rows = examples = 0
     for i in range(count):
         if i < len(bins):
             b = bins[i]
@@ -318,7 +324,9 @@ def stack_bins(bins: list[dict[str, torch.Tensor]], count: int, pad_id: int) -> 
         out["loss_index"].append(b["loss_index"] + i * s)
         out["row_end_index"].append(b["row_end_index"] + i * s)
         out["loss_row"].append(b["loss_row"] + rows)
+        out["row_example"].append(b["row_example"] + examples)
         rows += b["values"].numel()
+        examples += int(b["row_example"].max()) + 1 if b["row_example"].numel() else 0
     return {k: torch.cat(v) for k, v in out.items()}
 
 

@@ -1,4 +1,4 @@
-"""The training loop for every stage (sft, dpo, step_dpo, svpo), read top to bottom.
+"""The training loop for every stage (sft, dpo, step_dpo, svpo, prm), read top to bottom.
 
     config -> validate data -> build model -> reference log-probs -> resume -> loop -> save
 

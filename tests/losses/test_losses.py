@@ -141,3 +141,27 @@ def test_rpo_adds_weighted_chosen_nll_and_zero_alpha_is_the_paper_loss():
     assert torch.equal(m2["chosen_nll"], nll)
     same, _ = losses.add_chosen_nll(base, metrics, nll, 0.0)
     assert same is base
+
+
+def test_value_loss_is_the_mse_plus_the_sibling_margin_term():
+    """prm: (v - (2V - 1))^2 per state + w * relu(delta - (v_w - v_l)) over siblings with V_w - V_l > tau,
+    each pair charged to its chosen state; written out loop by loop here."""
+    torch.manual_seed(0)
+    pred = torch.tanh(torch.randn(7, dtype=torch.float64)).requires_grad_()
+    target = torch.tensor([0.9, 0.1, 0.5, 1.0, 0.0, 0.3, 0.35], dtype=torch.float64)
+    group = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    w, delta, tau = 0.25, 0.5, 0.5
+    loss, metrics = losses.value_loss(pred, target, group, rank_weight=w, rank_margin=delta, rank_threshold=tau)
+    expected = []
+    for i in range(7):
+        term = (pred[i].item() - (2 * target[i].item() - 1)) ** 2
+        for j in range(7):
+            if group[i] == group[j] and target[i] - target[j] > tau:
+                term += w * max(0.0, delta - (pred[i].item() - pred[j].item()))
+        expected.append(term)
+    assert loss.tolist() == pytest.approx(expected, abs=1e-12)
+    # pairs: (0,1) in group 0 and (3,4) in group 1; group 2's labels differ by less than tau
+    assert metrics["value_rank_pairs"].tolist() == [1, 0, 0, 1, 0, 0, 0]
+    plain, _ = losses.value_loss(pred, target, group)
+    assert plain.tolist() == pytest.approx([(p - (2 * t - 1)) ** 2 for p, t in zip(pred.tolist(), target.tolist())])
+    assert torch.autograd.gradcheck(lambda p: losses.value_loss(p, target, group, w, delta, tau)[0], (pred,))

@@ -70,3 +70,44 @@ def test_pairs_are_checked_against_the_training_recipes_that_read_them():
     only_sft = load_run_config("configs/demo/run.yaml", ["stages=[sample, score, pairs, sft_prm]",
                                                   "train.margin_ablation=[]"])
     assert set(only_sft.pairs_config("scored", "out", "policy").trainable.datasets) == {"sft"}
+
+
+def test_demo_with_svpo_configs_load(tmp_path):
+    """``demo --with-svpo``: the main run gains the learned-PRM stages, the MCTS run trains SVPO whose
+    own value head guides its beam search; the shared stages keep the default demo's configs."""
+    size = demo.PRESETS["default"]
+    files = {k: str(tmp_path / f"{k}.jsonl") for k in ("prompts", "heldout", "ood")}
+    common = demo.run_overrides(tmp_path, size, files, str(tmp_path / "policy"), threads=1)
+    default = load_run_config(demo._config_file("run.yaml"), common)
+    main = load_run_config(demo._config_file("run.yaml"), common + demo.svpo_overrides(size))
+    assert main.stages[-5:] == ["prm", "prm_score", "prm_pairs", "step_dpo_prm", "eval"]
+    for name in ("sample_config", "score_config", "pairs_config"):
+        args = ("policy", "out") if name == "sample_config" else ("in", "out", "policy")
+        assert getattr(default, name)(*args) == getattr(main, name)(*args), name
+    assert main.pairs_config("in", "out", "policy", "value_head").step.threshold == 0.1
+    assert main.value_score_config("in", "out", "ckpt").value_head.pack_length == 512
+    assert main.train_config("prm", "out", "hf", "policy", "scored")["data"]["value_name"] == "tree"
+    mcts = load_run_config(demo._config_file("run.yaml"), common + demo.mcts_overrides(tmp_path, size))
+    assert mcts.sample_config("policy", "out").algorithm == "mcts" and mcts.pairs["value_name"] == "mcts_q"
+    assert mcts.eval.value_heads == {"svpo": "svpo"} and mcts.eval.sbs_modes == ["sbs@3"]
+    assert mcts.pairs_config("in", "out", "policy").trainable.datasets.keys() == {"svpo"}
+    heldout = load_run_config(demo._config_file("run.yaml"),
+                              demo.calibration_overrides(tmp_path, size, files["heldout"], "policy", False))
+    assert heldout.stages == ["sample"] and heldout.sample_config("policy", "out").K == 8
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stages=[sample, score, prm_score, eval]", "stage prm_score needs stage prm"),
+    ("stages=[sample, score, pairs, prm, prm_score, prm_pairs, step_dpo_prm, eval] "
+     "train.prm.config=configs/tiny-cpu/prm.yaml", "needs stage dpo_prm"),
+    ("stages=[sample, score, prm, eval]", "train.prm.config is not set"),
+    ("eval.value_heads={base: svpo}", "not a value-head stage of this run"),
+    ("prm_score={value_head: {packlength: 5}}", "unknown key(s) ['packlength']"),
+    ("eval.sbs_modes=[maj@3]", "holds modes other than"),
+])
+def test_bad_value_head_sections_fail_when_loading(override, message):
+    overrides = override.split(" train.")
+    overrides[1:] = ["train." + o for o in overrides[1:]]
+    with pytest.raises((ConfigError, ValueError)) as err:
+        load_run_config("configs/tiny-cpu/run.yaml", overrides)
+    assert message in str(err.value)

@@ -60,13 +60,15 @@ def test_bad_config_and_input_are_reported(config_file, tmp_path, capsys):
     assert f"{bad}:2:" in capsys.readouterr().err
 
 
-def test_killed_run_resumes_to_the_same_shards(config_file, tmp_path):
-    """Kill `sample` (SIGKILL) mid-run, tear its last line, restart: shards equal an uninterrupted run's."""
+@pytest.mark.parametrize("algorithm", [[], ["algorithm=mcts", "mcts.max_trees=2"]], ids=["tree", "mcts"])
+def test_killed_run_resumes_to_the_same_shards(config_file, tmp_path, algorithm):
+    """Kill `sample` (SIGKILL) mid-run, tear its last line, restart: shards equal an uninterrupted run's
+    (tree sampling, and MCTS)."""
     reference = tmp_path / "reference"
-    assert main([str(config_file), f"output_dir={reference}"]) == 0
+    assert main([str(config_file), f"output_dir={reference}", *algorithm]) == 0
 
     env = {**os.environ, "SPPD_FAULT": "sample.tree:2", "PYTHONPATH": str(ROOT)}  # dies before its 2nd tree
-    killed = subprocess.run([sys.executable, "-m", "sppd_megatron.cli", "sample", str(config_file)],
+    killed = subprocess.run([sys.executable, "-m", "sppd_megatron.cli", "sample", str(config_file), *algorithm],
                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr
     out = tmp_path / "out"
@@ -75,5 +77,8 @@ def test_killed_run_resumes_to_the_same_shards(config_file, tmp_path):
     with (out / "trees-00000.jsonl").open("a") as fh:  # and as if the kill had hit a write
         fh.write('{"gold_answer": "3", "id": "gsm8k-te')
 
-    assert main([str(config_file)]) == 0
+    assert main([str(config_file), *algorithm]) == 0
     assert shard_bytes(out) == shard_bytes(reference)
+    trees = [t for name in shard_bytes(out) for t in read_jsonl(out / name, Tree)]
+    assert all((t.sampling.get("algorithm") == "mcts") == bool(algorithm) for t in trees)
+    assert all(t.nodes[0].visits for t in trees) if algorithm else all(t.nodes[0].visits is None for t in trees)

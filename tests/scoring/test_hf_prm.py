@@ -137,3 +137,83 @@ def test_sglang_missing_endpoint_is_a_clear_error():
     prm = SGLangRewardPRM(SGLangPRMConfig(url=f"http://127.0.0.1:{port}", timeout_seconds=5))
     with pytest.raises(RuntimeError, match="not reachable.*launch_server"):
         prm.score("q", ["a\n"])
+
+
+QWEN_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def qwen_prm_checkpoint(tmp_path_factory):
+    """A tiny Qwen2.5-Math-PRM laid out as the real one: config naming remote classes (auto_map), the
+    backbone under ``model.``, the head as ``score.0`` / ``score.2``, ``<extra_0>`` a token of its own."""
+    from safetensors.torch import save_file
+    from transformers import Qwen2Config, Qwen2Model
+
+    path = tmp_path_factory.mktemp("qwen_prm")
+    tok = build_char_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<extra_0>"]})
+    tok.chat_template = QWEN_TEMPLATE
+    tok.save_pretrained(str(path))
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(5)
+    backbone = Qwen2Model(config).eval()
+    head = {"score.0.weight": torch.randn(32, 32) * 0.3, "score.0.bias": torch.randn(32) * 0.1,
+            "score.2.weight": torch.randn(2, 32) * 0.3, "score.2.bias": torch.randn(2) * 0.1}
+    save_file({**{f"model.{k}": v.contiguous() for k, v in backbone.state_dict().items()}, **head},
+              str(path / "model.safetensors"))
+    cfg = config.to_dict()
+    cfg.update(architectures=["Qwen2ForProcessRewardModel"],
+               auto_map={"AutoConfig": "configuration_qwen2_rm.Qwen2RMConfig",
+                         "AutoModel": "modeling_qwen2_rm.Qwen2ForProcessRewardModel"})
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path, backbone, {k: v.double().numpy() for k, v in head.items()}, tok
+
+
+def _qwen_card_rewards(backbone, head, tok, system, query):
+    """Qwen2.5-Math-PRM's model card, step for step, with the head in numpy: the reference values."""
+    import numpy as np
+
+    steps = [s.rstrip() for s in query.steps]  # the card's steps carry no trailing blank line
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": query.question},
+                {"role": "assistant", "content": "<extra_0>".join(steps) + "<extra_0>"}]
+    conversation = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    input_ids = tok.encode(conversation)
+    step_sep_id = tok.encode("<extra_0>", add_special_tokens=False)[0]
+    with torch.no_grad():
+        hidden = backbone(input_ids=torch.tensor([input_ids])).last_hidden_state[0].double().numpy()
+    at = hidden[[i for i, t in enumerate(input_ids) if t == step_sep_id]]
+    logits = np.maximum(at @ head["score.0.weight"].T + head["score.0.bias"], 0) @ head["score.2.weight"].T \
+        + head["score.2.bias"]
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    return (probs / probs.sum(-1, keepdims=True))[:, 1].tolist()
+
+
+def test_qwen_prm_style_equals_the_model_card_computation(qwen_prm_checkpoint):
+    from sppd_megatron.scoring.hf_prm import QwenMathPRM
+
+    path, backbone, head, tok = qwen_prm_checkpoint
+    cfg = HFPRMConfig(path=str(path), style="qwen_prm", batch_size=2, device="cpu")
+    assert cfg.step_tag == "<extra_0>" and cfg.value_head_key == "score"
+    prm = QwenMathPRM.from_pretrained(cfg)  # no trust_remote_code: the config's auto_map is not followed
+    queries = [StepQuery(q.question, tuple(s if s.endswith("\n") else s + "\n\n" for s in q.steps)) for q in QUERIES]
+    batched = prm.score_batch(queries)
+    expected = [_qwen_card_rewards(backbone, head, tok, cfg.system_prompt, q) for q in queries]
+    assert [len(v) for v in batched] == [2, 1, 4]
+    diff = max(abs(a - b) for a, b in zip(_flat(batched), _flat(expected)))
+    print(f"\nqwen_prm style vs Qwen2.5-Math-PRM's model card computation (numpy head), 7 steps of 3 queries "
+          f"in batches of 2: max abs difference {diff:.1e}")
+    assert _flat(batched) == pytest.approx(_flat(expected), abs=1e-6)
+    assert max(_flat(batched)) - min(_flat(batched)) > 1e-3  # the head is not constant
+
+
+def test_qwen_prm_style_errors(qwen_prm_checkpoint, tmp_path):
+    from sppd_megatron.scoring.hf_prm import QwenMathPRM
+
+    path, *_ = qwen_prm_checkpoint
+    prm = QwenMathPRM.from_pretrained(HFPRMConfig(path=str(path), style="qwen_prm", device="cpu"))
+    with pytest.raises(ValueError, match="tags for 1 steps"):
+        prm.score("q", ["a step naming <extra_0> itself\n\n"])
+    with pytest.raises(ValueError, match="v_head.0.weight"):
+        QwenMathPRM.from_pretrained(HFPRMConfig(path=str(path), style="qwen_prm", value_head_key="v_head", device="cpu"))

@@ -103,3 +103,20 @@ def test_score_main_with_the_tiny_cpu_config(tmp_path, capsys):
     assert "scored 3 trees" in out and "2 rejected" in out
     assert main([str(config), "input_dir=/nonexistent", f"output_dir={tmp_path / 'o2'}"]) == 2
     assert main([str(config), "no_such_key=1"]) == 2
+
+
+def test_calibration_against_a_label_value(tmp_path):
+    """``calibration_label: mc`` puts each other value's Brier score and AUC against ``mc`` in the summary."""
+    inputs = tmp_path / "trees"
+    trees = [unscored_tree("q1"), unscored_tree("q2", gold="6")]
+    for t in trees:
+        for n in t.nodes[1:]:
+            n.values["mc"] = 1.0 if "5" in t.state_text(n.node_id) else 0.25
+    write_jsonl(inputs / "trees-00000.jsonl", trees)
+    cfg = ScoreConfig(input_dir=str(inputs), output_dir=str(tmp_path / "out"), scorers=["tree"],
+                      calibration_label="mc", progress=False)
+    summary = run_scoring(cfg)
+    assert summary["calibration"]["label"] == "mc"
+    tree = summary["calibration"]["values"]["tree"]
+    assert tree["states"] == 18 and 0 <= tree["brier"] <= 1 and 0 <= tree["auc"] <= 1
+    assert json.loads((tmp_path / "out" / "score_summary.json").read_text())["calibration"] == summary["calibration"]

@@ -31,6 +31,8 @@ RUNS = {
     # sft's token-level mean divides by the response tokens of both data-parallel ranks together.
     "sft": ("configs/tiny-cpu/sft.yaml", ["pp2", "dp2"], []),
     "step_dpo_31pairs": ("configs/tiny-cpu/step_dpo.yaml", ["pp2", "dp2"], ["data.train_file={pairs31}"]),
+    # The value head's regression on tree labels, with the sibling margin term (rows of one example).
+    "prm": ("configs/tiny-cpu/prm.yaml", ["tp2", "pp2", "dp2"], ["loss.value_rank_weight=0.25"]),
 }
 
 

@@ -112,7 +112,7 @@ def test_tree_sampling_on_the_tiny_model(tiny_hf, tmp_path):
 
     # Killed (SIGKILL) after its first tree, then resumed: the shards equal the uninterrupted run's.
     resumed = sample_config(tmp_path, tiny_hf, "resumed")
-    env = {**os.environ, **ENV, "SPPD_SAMPLE_KILL_AFTER_TREES": "1"}
+    env = {**os.environ, **ENV, "SPPD_FAULT": "sample.tree:2"}
     killed = subprocess.run([sys.executable, "-m", "sppd_megatron", "sample", str(resumed)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=1800)
     assert killed.returncode == -9, killed.stderr[-3000:]
@@ -159,7 +159,7 @@ def test_eval_harness_on_vllm(smollm2_hf, tmp_path):
     preds = predictions(tmp_path / "vllm")
     assert len(preds) == 3 and all(len(p["generations"]) == 2 and p["greedy_generation"] for p in preds)
 
-    env = {**os.environ, **ENV, "SPPD_EVAL_KILL_AFTER_QUESTIONS": "1"}
+    env = {**os.environ, **ENV, "SPPD_FAULT": "eval.question:2"}
     killed = subprocess.run([sys.executable, "-m", "sppd_megatron", *eval_args(smollm2_hf, tmp_path / "resumed", "vllm")],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert killed.returncode == -9, killed.stderr[-3000:]
