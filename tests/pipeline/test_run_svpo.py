@@ -18,7 +18,7 @@ import pytest
 
 from sppd_megatron.records import PreferencePair, Tree, read_jsonl
 
-from test_run import _command, _run  # noqa: E402 (tests/pipeline is on sys.path, no package)
+from pipeline_run import command as _command, run as _run  # noqa: E402 (tests/ is on sys.path, no package)
 
 LEARNED = [
     "stages=[sample, score, pairs, dpo_prm, prm, prm_score, prm_pairs, step_dpo_prm, svpo, eval]",
