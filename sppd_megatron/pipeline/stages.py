@@ -210,10 +210,10 @@ def _train_progress(metrics: Path, total: int, desc: str, enabled: bool):
         if min(len(lines), total) == bar.n:
             return
         bar.n = min(len(lines), total)
-        try:
+        try:  # a resumed trainer cuts the file back to its checkpoint's step, possibly to nothing
             bar.set_postfix(loss=f"{json.loads(lines[-1])['loss']:.4f}", refresh=False)
-        except (ValueError, KeyError):
-            pass  # a line being written
+        except (ValueError, KeyError, IndexError):
+            pass  # a line being written, or none yet
         bar.refresh()
 
     return bar, poll
