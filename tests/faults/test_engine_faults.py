@@ -36,8 +36,7 @@ def sglang(monkeypatch, tmp_path):
 
 
 def _sample_argv(out: Path, *extra: str) -> list[str]:
-    prompts = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "gsm8k" / "test.jsonl"
-    return [str(ROOT / "configs/tiny-cpu/sample.yaml"), f"input={prompts}", f"output_dir={out}", "model=/models/policy",
+    return [str(ROOT / "configs/tiny-cpu/sample.yaml"), "input=gsm8k", f"output_dir={out}", "model=/models/policy",
             "engine.name=sglang", "engine.dp_size=2", "engine.retry_backoff_s=0.01", "engine.request_timeout_s=1",
             "num_questions=6", "questions_per_round=2", "shard_size=4", "K=6", "max_depth=4", "progress=false", *extra]
 
