@@ -27,7 +27,7 @@ from typing import Iterator
 
 
 from sppd_megatron.records import PreferencePair, RecordError, SFTExample, Tree, iter_jsonl_lenient
-from sppd_megatron.tokenization import encode_continuation
+from sppd_megatron.tokenization import BoundaryMergeError, encode, encode_continuation
 from sppd_megatron.training.config import Overlong
 
 MAX_REPORTED_ERRORS = 10
@@ -75,8 +75,19 @@ def _row(tokenizer, context: str, continuation: str, ends: bool, append_eos: boo
 def state_row(tokenizer, prompt: str, prefix: str, step: str) -> Row:
     """The row whose last token is where a value head reads V(state after ``step``): context ``prompt +
     prefix`` (the earlier steps), continuation ``step`` and no EOS. Training (stage prm) and serving
-    (:class:`~sppd_megatron.training.value_prm.MegatronValuePRM`) build value rows only here."""
-    return _row(tokenizer, prompt + prefix, step, ends=False, append_eos=False)
+    (:class:`~sppd_megatron.training.value_prm.MegatronValuePRM`) build value rows only here.
+
+    A value is read at the state's last token and no loss reads the step's log-probs, so a step that
+    does not tokenise as a continuation of its context (BoundaryMergeError: its first token merges
+    with the context's last, or it is empty) is still a state: its row is the whole state's
+    tokenisation, its context the ids that tokenisation shares with the context's own.
+    """
+    try:
+        return _row(tokenizer, prompt + prefix, step, ends=False, append_eos=False)
+    except BoundaryMergeError:
+        context, full = encode(tokenizer, prompt + prefix), encode(tokenizer, prompt + prefix + step)
+        shared = next((i for i, (a, b) in enumerate(zip(context, full)) if a != b), min(len(context), len(full)))
+        return Row(ids=full, context_len=max(0, min(shared, len(full) - 1)), ends_with_eos=False)
 
 
 def _fit(row: Row, max_length: int, overlong: Overlong) -> Row:

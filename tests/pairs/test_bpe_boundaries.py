@@ -125,3 +125,16 @@ def test_pairs_drop_what_training_would_refuse(bpe, bpe_dir, tmp_path):
     assert unchecked["trees_without_tokenizer_check"] == 2 and MERGES not in unchecked["rejected_by_reason"]
     with pytest.raises(ValueError, match=r"step_pairs.jsonl:1: the continuation re-tokenises differently"):
         load_examples(tmp_path / "raw" / "step_pairs.jsonl", "step_dpo", bpe, max_length=64, vocab_size=len(bpe))
+
+
+def test_a_value_row_is_the_whole_state_even_across_a_merge(bpe):
+    """Stage prm and the value-head PRM read V at a state's last token, and no loss reads the step's
+    log-probs: a step that merges with its context (or is empty) is still a state, tokenised whole."""
+    from sppd_megatron.training.data import state_row
+
+    for prefix, step_text in (("The answ", "er is 5."), ("So x = 5.\n\n", "So y = 7.\n\n"), ("So x = 5.", "")):
+        row = state_row(bpe, "Question: what is 2+3?\nAnswer:\n", prefix, step_text)
+        whole = encode(bpe, "Question: what is 2+3?\nAnswer:\n" + prefix + step_text)
+        assert row.ids == whole and 0 < row.context_len < len(whole) and not row.ends_with_eos
+        assert row.ids[:row.context_len] == encode(bpe, "Question: what is 2+3?\nAnswer:\n" + prefix)[:row.context_len]
+    assert state_row(bpe, "The answer", " is", " 5.").ids == encode(bpe, "The answer is 5.")
