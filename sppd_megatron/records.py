@@ -453,16 +453,17 @@ class Prediction(Record):
 # --- JSONL I/O ----------------------------------------------------------------------------------
 
 
-def _json_lines(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+def json_lines(path: Path, what: str = "", hint: str = "") -> Iterator[tuple[int, Any, str | None]]:
     """``(line number, parsed JSON, None)`` or ``(line number, None, reason)`` for each non-blank line.
 
     Lines are read as bytes and decoded one by one, so a stray invalid byte is that line's problem
-    (named with its number), not an exception in the middle of iteration.
+    (named with its number), not an exception in the middle of iteration. A file that cannot be
+    opened raises RecordError ("cannot open ``what`` (reason)``hint``").
     """
     try:
         fh = path.open("rb")
     except OSError as exc:
-        raise RecordError(f"cannot open ({exc.strerror})", path) from None
+        raise RecordError(f"cannot open{' ' + what if what else ''} ({exc.strerror}){hint}", path) from None
     with fh:
         for lineno, raw in enumerate(fh, 1):
             if not raw.strip():
@@ -489,7 +490,7 @@ def _record(cls: type[R], data: Any) -> R:
 def read_jsonl(path: str | os.PathLike, cls: type[R]) -> Iterator[R]:
     """Yield validated records; the first bad line raises RecordError(file, line)."""
     path = Path(path)
-    for lineno, data, reason in _json_lines(path):
+    for lineno, data, reason in json_lines(path):
         if reason is not None:
             raise RecordError(reason, path, lineno)
         try:
@@ -501,7 +502,7 @@ def read_jsonl(path: str | os.PathLike, cls: type[R]) -> Iterator[R]:
 def iter_jsonl_lenient(path: str | os.PathLike, cls: type[R]) -> Iterator[tuple[int, R | None, str | None]]:
     """Yield ``(line, record, None)`` or ``(line, None, reason)``: for stages that reject, not stop."""
     path = Path(path)
-    for lineno, data, reason in _json_lines(path):
+    for lineno, data, reason in json_lines(path):
         if reason is not None:
             yield lineno, None, reason
             continue
@@ -554,7 +555,7 @@ class JsonlAppender:
             if cut != len(data):
                 with self.path.open("r+b") as fh:
                     fh.truncate(cut)
-            for lineno, parsed, reason in _json_lines(self.path):
+            for lineno, parsed, reason in json_lines(self.path):
                 if reason is not None:
                     raise RecordError(f"{reason}; this file was written by an earlier run and is damaged "
                                       "(move it away to redo its records)", self.path, lineno)

@@ -17,13 +17,12 @@ conditioned on, using a recorded PromptTemplate.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from sppd_megatron.records import Prompt, PromptTemplate, RecordError
+from sppd_megatron.records import Prompt, PromptTemplate, RecordError, json_lines
 from sppd_megatron.tokenization import encode
 
 BENCHMARK_DIR = Path(__file__).resolve().parents[1] / "data"
@@ -88,27 +87,8 @@ def source_name(source: str | Path) -> str:
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
     """(line, row, None) or (line, None, reason) per non-empty line."""
-    try:
-        fh = path.open("rb")
-    except OSError as exc:
-        hint = "" if path.suffix else f" (not a file; named benchmarks: {', '.join(NAMED_BENCHMARKS)})"
-        raise RecordError(f"cannot open prompts ({exc.strerror}){hint}", path) from None
-    with fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                yield lineno, None, f"not UTF-8 text (byte {exc.start} of the line)"
-                continue
-            except json.JSONDecodeError as exc:
-                yield lineno, None, f"malformed JSON ({exc.msg} at column {exc.colno})"
-                continue
-            except RecursionError:
-                yield lineno, None, "malformed JSON (nested too deeply)"
-                continue
-            yield lineno, row, None
+    hint = "" if path.suffix else f" (not a file; named benchmarks: {', '.join(NAMED_BENCHMARKS)})"
+    return json_lines(path, "prompts", hint)
 
 
 def _hf_rows(source: str) -> Iterator[tuple[int, dict | None, str | None]]:
