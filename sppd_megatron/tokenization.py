@@ -126,7 +126,13 @@ def encode(tokenizer, text: str) -> list[int]:
 
 
 class BoundaryMergeError(RecordError):
-    """A continuation re-tokenises differently when joined to its context (a token merges across the boundary)."""
+    """A continuation re-tokenises differently when joined to its context (a token merges across the boundary).
+
+    ``context_ids`` and ``full_ids`` are the two tokenisations that disagree."""
+
+    def __init__(self, reason: str, context_ids: list[int] = (), full_ids: list[int] = ()):
+        super().__init__(reason)
+        self.context_ids, self.full_ids = context_ids, full_ids
 
 
 def encode_continuation(tokenizer, context: str, continuation: str) -> tuple[list[int], int]:
@@ -143,5 +149,6 @@ def encode_continuation(tokenizer, context: str, continuation: str) -> tuple[lis
         raise BoundaryMergeError(
             "the continuation re-tokenises differently when joined to its context (a token merges across "
             "the boundary); end steps with the delimiter or use a tokenizer whose boundary is stable",
+            ctx_ids, full_ids,
         )
     return full_ids, len(ctx_ids)

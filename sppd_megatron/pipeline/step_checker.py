@@ -59,8 +59,10 @@ def _apply(value: int, operator: str, operand: int) -> int | None:
 
 
 def split_steps(text: str) -> list[str]:
-    """A solution's steps as written (each up to and including its blank line)."""
-    return [s for s in re.split(r"(?<=\n\n)", text) if s]
+    """A solution's steps as written (each up to and including its blank line); none for no text."""
+    from sppd_megatron.evaluation.orm import split_steps as cut
+
+    return [s for s in cut(text) if s]
 
 
 def check_step(question: tuple[int, list[tuple[str, int]]], prefix: Iterable[str], step: str) -> bool | None:

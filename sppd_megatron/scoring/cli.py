@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from sppd_megatron.config import USER_ERRORS, ConfigError, parse_config_command, report_error
 from sppd_megatron.locking import locked
@@ -28,7 +28,7 @@ from sppd_megatron.scoring.rejects import RejectsFile
 from sppd_megatron.training.value_prm import ValueHeadPRMConfig
 
 ScorerKind = Literal["tree", "mc", "hf", "sglang", "value_head"]
-SCORER_KINDS = ("tree", "mc", "hf", "sglang", "value_head")
+SCORER_KINDS = get_args(ScorerKind)
 REJECTS = "rejects.jsonl"
 
 

@@ -27,7 +27,7 @@ from typing import Iterator
 
 
 from sppd_megatron.records import PreferencePair, RecordError, SFTExample, Tree, iter_jsonl_lenient
-from sppd_megatron.tokenization import BoundaryMergeError, encode, encode_continuation
+from sppd_megatron.tokenization import BoundaryMergeError, encode_continuation
 from sppd_megatron.training.config import Overlong
 
 MAX_REPORTED_ERRORS = 10
@@ -84,8 +84,8 @@ def state_row(tokenizer, prompt: str, prefix: str, step: str) -> Row:
     """
     try:
         return _row(tokenizer, prompt + prefix, step, ends=False, append_eos=False)
-    except BoundaryMergeError:
-        context, full = encode(tokenizer, prompt + prefix), encode(tokenizer, prompt + prefix + step)
+    except BoundaryMergeError as exc:
+        context, full = exc.context_ids, exc.full_ids
         shared = next((i for i, (a, b) in enumerate(zip(context, full)) if a != b), min(len(context), len(full)))
         return Row(ids=full, context_len=max(0, min(shared, len(full) - 1)), ends_with_eos=False)
 

@@ -157,23 +157,24 @@ def training_dataset(cfg, tokenizer, vocab_size: int, need_values: bool) -> Toke
 
     out_dir = Path(cfg.output_dir)
     directory = out_dir / "dataset"
-    fingerprint = _fingerprint(cfg, tokenizer, vocab_size, need_values, config_to_dict)
     error = None
-    if pstate.is_rank0() and TokenizedDataset.fingerprint(directory) != fingerprint:
+    if pstate.is_rank0():  # only the builder reads and hashes the inputs
         try:
-            examples = read_examples(cfg.data.train_file, cfg.stage, tokenizer, cfg.data.max_length, vocab_size,
-                                     append_eos=cfg.data.append_eos, need_values=need_values,
-                                     overlong=cfg.data.overlong, rejects=out_dir / "rejects.jsonl",
-                                     value_name=cfg.data.value_name)
-            TokenizedDataset.build(examples, directory, str(cfg.data.train_file), fingerprint)
-        except DataError as exc:
-            error = str(exc)
+            fingerprint = _fingerprint(cfg, tokenizer, vocab_size, need_values, config_to_dict)
+            if TokenizedDataset.fingerprint(directory) != fingerprint:
+                examples = read_examples(cfg.data.train_file, cfg.stage, tokenizer, cfg.data.max_length, vocab_size,
+                                         append_eos=cfg.data.append_eos, need_values=need_values,
+                                         overlong=cfg.data.overlong, rejects=out_dir / "rejects.jsonl",
+                                         value_name=cfg.data.value_name)
+                TokenizedDataset.build(examples, directory, str(cfg.data.train_file), fingerprint)
+        except (DataError, OSError) as exc:  # a missing or unreadable input fails every rank alike
+            error = exc
     if torch.distributed.is_initialized():
         holder = [error]
         torch.distributed.broadcast_object_list(holder, src=0)
         error = holder[0]
-    if error:
-        raise DataError(error)
+    if error is not None:
+        raise error
     return TokenizedDataset.open(directory)
 
 

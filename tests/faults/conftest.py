@@ -14,6 +14,8 @@ from collections import defaultdict
 
 import pytest
 
+from sppd_megatron import faults
+
 
 class Tally:
     def __init__(self) -> None:
@@ -53,6 +55,20 @@ TALLY = Tally()
 @pytest.fixture(scope="session")
 def tally() -> Tally:
     return TALLY
+
+
+@pytest.fixture
+def arm(monkeypatch):
+    """``arm(spec)`` sets ``SPPD_FAULT`` for this test (``None`` clears it); reset again at teardown."""
+    def set_fault(spec: str | None) -> None:
+        if spec:
+            monkeypatch.setenv(faults.ENV, spec)
+        else:
+            monkeypatch.delenv(faults.ENV, raising=False)
+        faults.reset()
+
+    yield set_fault
+    faults.reset()
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -19,19 +19,6 @@ TEMPLATE = ["template.use_chat_template=false", "template.system_prompt=",
             f"template.plain_format={json.dumps('Q: {question}' + chr(10) + 'A: ')}"]
 
 
-@pytest.fixture
-def arm(monkeypatch):
-    def set_fault(spec: str | None) -> None:
-        if spec:
-            monkeypatch.setenv(faults.ENV, spec)
-        else:
-            monkeypatch.delenv(faults.ENV, raising=False)
-        faults.reset()
-
-    yield set_fault
-    faults.reset()
-
-
 def _sample_args(demo_data, out: Path) -> list[str]:
     return [str(ROOT / "configs/tiny-cpu/sample.yaml"), f"input={demo_data['prompts']}", f"output_dir={out}",
             f"model={demo_data['policy']}", "K=4", "max_depth=6", "max_step_tokens=40", "max_total_tokens=120",

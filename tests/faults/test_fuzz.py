@@ -122,9 +122,7 @@ def trees(tmp_path_factory) -> tuple[Path, Path]:
     from sppd_megatron.scoring.cli import main as score
 
     root = tmp_path_factory.mktemp("fuzz-trees")
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"question": f"What is {i}+1?", "answer": str(i + 1)}) + "\n"
-                               for i in range(4)))
+    prompts = _prompts(root)
     assert sample([str(ROOT / "configs/tiny-cpu/sample.yaml"), f"input={prompts}", f"output_dir={root / 'trees'}",
                    "K=3", "max_depth=3", "num_questions=4", "progress=false"]) == 0
     assert score([str(ROOT / "configs/tiny-cpu/score.yaml"), f"input_dir={root / 'trees'}",
@@ -188,8 +186,7 @@ def finished_eval(tmp_path_factory) -> tuple[Path, list[str]]:
     from sppd_megatron.evaluation.cli import main as evaluate
 
     root = tmp_path_factory.mktemp("fuzz-eval")
-    bench = root / "bench.jsonl"
-    bench.write_text("".join(json.dumps({"question": f"What is {i}+1?", "answer": str(i + 1)}) + "\n" for i in range(4)))
+    bench = _prompts(root)
     args = ["--model", "tiny:llama", "--bench", f"toy={bench}", "--modes", "greedy,maj@2", "--max-new-tokens", "8",
             "--no-progress", "questions_per_batch=2"]
     assert evaluate([*args, "--out", str(root / "eval")]) == 0

@@ -21,16 +21,6 @@ from sppd_megatron.config import error_line
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def fault_env(monkeypatch):
-    def arm(spec: str) -> None:
-        monkeypatch.setenv(faults.ENV, spec)
-        faults.reset()
-
-    yield arm
-    faults.reset()
-
-
 def test_spec_errors_name_the_problem():
     with pytest.raises(faults.FaultSpecError, match="unknown point 'sample.treez'"):
         faults.parse("sample.treez:1")
@@ -43,8 +33,8 @@ def test_spec_errors_name_the_problem():
         faults.Fault("train.step", 3, "kill", None, "dpo")]
 
 
-def test_the_nth_hit_fails_with_the_path_and_rank_filters(fault_env, monkeypatch, tally):
-    fault_env("pairs.write:2:enospc,score.tree@1:1:eacces")
+def test_the_nth_hit_fails_with_the_path_and_rank_filters(arm, monkeypatch):
+    arm("pairs.write:2:enospc,score.tree@1:1:eacces")
     assert faults.hit("pairs.write", "a.jsonl") is None
     with pytest.raises(OSError) as err:
         faults.hit("pairs.write", "b.jsonl")
@@ -57,8 +47,8 @@ def test_the_nth_hit_fails_with_the_path_and_rank_filters(fault_env, monkeypatch
         faults.hit("score.tree", "t.jsonl")
 
 
-def test_a_label_picks_the_process(fault_env):
-    fault_env("train.metrics[dpo]:1:enospc")
+def test_a_label_picks_the_process(arm):
+    arm("train.metrics[dpo]:1:enospc")
     faults.set_label("sft")
     try:
         assert faults.hit("train.metrics", "m") is None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import random
 import threading
@@ -10,9 +9,8 @@ import time
 
 import pytest
 
-from answer_classes import build_classes
+from answer_classes import _rows, build_classes
 
-from sppd_megatron.sampling.prompts import source_path
 from sppd_megatron.scoring import grading
 from sppd_megatron.scoring.grading import answers_equal, extract_answer, grade
 
@@ -121,10 +119,6 @@ def test_works_inside_daemonic_pool_processes():
 
 
 # --- real data (the packaged MATH-500 and GSM8K test sets) ---------------------------------------
-
-
-def _rows(name: str) -> list[dict]:
-    return [json.loads(line) for line in source_path(name).read_text().splitlines() if line.strip()]
 
 
 def _raw_math_verify(prediction_text: str, gold: str) -> bool:
